@@ -1,0 +1,90 @@
+"""Brush annotations → label maps, decoded once per annotation version.
+
+Training re-reads every annotated task on each run; the cache keys decoded
+maps by (annotation id, updated_at), so only new or edited annotations are
+decoded again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from sdk.brush import rle_to_mask
+
+from .label_config import BrushTarget
+
+
+class AnnotationError(ValueError):
+    """An annotation cannot be turned into a label map; the message says why."""
+
+
+def choose_annotation(task: dict) -> dict | None:
+    """The annotation to learn from: ground truth first, else the most recently updated.
+
+    Cancelled (skipped) annotations carry no labels and are never chosen.
+    """
+    usable = [
+        a
+        for a in task.get("annotations") or []
+        if isinstance(a, dict) and not a.get("was_cancelled") and isinstance(a.get("result"), list)
+    ]
+    if not usable:
+        return None
+    return max(
+        usable, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), a.get("id", 0))
+    )
+
+
+def label_map(annotation: dict, target: BrushTarget, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 label map: 0 background, i + 1 for `target.labels[i]`; later regions win.
+
+    An annotation without brush regions is a valid label: "nothing here".
+    """
+    height, width = shape
+    labels = np.zeros(shape, np.uint8)
+    class_of = {name: i + 1 for i, name in enumerate(target.labels)}
+    for region in annotation.get("result") or []:
+        if region.get("type") != "brushlabels" or region.get("from_name") != target.from_name:
+            continue
+        value = region.get("value") or {}
+        names = value.get("brushlabels") or []
+        if not names or names[0] not in class_of:
+            raise AnnotationError(f"brush region has label {names!r}, not one of {list(target.labels)}")
+        rh, rw = region.get("original_height", height), region.get("original_width", width)
+        if (rh, rw) != (height, width):
+            raise AnnotationError(f"brush region is {rw}x{rh} but the image is {width}x{height}")
+        if value.get("format", "rle") != "rle" or "rle" not in value:
+            raise AnnotationError("brush region is not RLE encoded")
+        mask = rle_to_mask(value["rle"], height, width)
+        labels[mask > 0] = class_of[names[0]]
+    return labels
+
+
+class MaskCache:
+    """LRU of decoded label maps, bounded in bytes; thread-safe."""
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.decoded = 0  # how many annotations were actually decoded (for tests and logs)
+
+    def get(self, annotation: dict, target: BrushTarget, shape: tuple[int, int]) -> np.ndarray:
+        key = (annotation.get("id"), str(annotation.get("updated_at")), target.signature, shape)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        labels = label_map(annotation, target, shape)
+        with self._lock:
+            self.decoded += 1
+            self._items[key] = labels
+            self._bytes += labels.nbytes
+            while self._bytes > self.max_bytes and self._items:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+        return labels

@@ -1,0 +1,177 @@
+"""Versioned checkpoints on disk, written atomically, verified on load.
+
+Layout: ``MODEL_DIR/project-<id>/<label-signature>/`` holds ``v<N>.pt`` files and
+``manifest.json`` (the versions with their metrics and SHA-256). A file is
+written to a temporary name, fsynced and renamed before the manifest names it,
+so a killed writer never leaves a half-written checkpoint that a reader could
+pick; a file whose hash does not match the manifest is skipped on load.
+Version 0 is the untrained initial network: it is built from a fixed seed,
+never written, and served until training produces version 1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .label_config import BrushTarget
+from .network import UNet, UNetConfig, build_unet
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or does not match its manifest entry."""
+
+
+@dataclass(frozen=True)
+class Version:
+    number: int
+    name: str
+    file: str | None = None
+    sha256: str | None = None
+    created: float = 0.0
+    parent: str | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def version_name(number: int, target: BrushTarget) -> str:
+    """The `model_version` Label Studio shows; the label signature keeps lineages apart."""
+    return f"emloop-v{number}-{target.signature[:6]}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class CheckpointStore:
+    """The versions of one project's model for one label config."""
+
+    def __init__(self, root: Path, target: BrushTarget, network: UNetConfig | None = None) -> None:
+        self.root = Path(root)
+        self.target = target
+        self.network = network or UNetConfig(n_classes=target.n_classes)
+
+    @classmethod
+    def for_project(cls, model_dir: Path, project: str, target: BrushTarget) -> CheckpointStore:
+        return cls(Path(model_dir) / f"project-{project}" / target.signature, target)
+
+    # -- reading ---------------------------------------------------------------
+    def manifest_stamp(self) -> float:
+        """Changes whenever a version is added; cheap enough to check per request."""
+        try:
+            return (self.root / MANIFEST).stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0.0
+
+    def versions(self) -> list[Version]:
+        """All recorded versions, oldest first, version 0 included."""
+        initial = Version(0, version_name(0, self.target))
+        try:
+            data = json.loads((self.root / MANIFEST).read_text())
+        except FileNotFoundError:
+            return [initial]
+        except (OSError, ValueError) as exc:
+            log.error("unreadable manifest %s: %s", self.root / MANIFEST, exc)
+            return [initial]
+        return [initial, *(Version(**entry) for entry in data.get("versions", []))]
+
+    def latest(self) -> Version:
+        return self.versions()[-1]
+
+    def load(self, version: Version) -> UNet:
+        """The network of `version`; raises CheckpointError if its file is not intact."""
+        if version.number == 0:
+            return build_unet(self.network, seed=0)
+        path = self.root / str(version.file)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{version.name}: cannot read {path}: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != version.sha256:
+            raise CheckpointError(f"{version.name}: {path} does not match its recorded SHA-256")
+        try:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            net = UNet(UNetConfig(**payload["config"]))
+            net.load_state_dict(payload["state_dict"])
+        except Exception as exc:  # any decoding problem means the file is unusable
+            raise CheckpointError(f"{version.name}: {path} is not a valid checkpoint: {exc}") from None
+        return net.eval()
+
+    def load_newest_intact(self) -> tuple[Version, UNet]:
+        """Newest version that loads; falls back through history past corrupt files."""
+        for version in reversed(self.versions()):
+            try:
+                return version, self.load(version)
+            except CheckpointError as exc:
+                log.error("skipping checkpoint: %s", exc)
+        raise AssertionError("unreachable: version 0 always loads")
+
+    # -- writing ---------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def save(self, net: UNet, *, parent: Version | None, metrics: dict) -> Version:
+        """Write the next version: checkpoint file first, then the manifest naming it."""
+        buffer = io.BytesIO()
+        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        torch.save({"config": net.config.to_dict(), "state_dict": state}, buffer)
+        data = buffer.getvalue()
+        with self._locked():
+            existing = self.versions()
+            number = existing[-1].number + 1
+            version = Version(
+                number=number,
+                name=version_name(number, self.target),
+                file=f"v{number}.pt",
+                sha256=hashlib.sha256(data).hexdigest(),
+                created=time.time(),
+                parent=parent.name if parent else None,
+                metrics=metrics,
+            )
+            atomic_write_bytes(self.root / version.file, data)
+            entries = [asdict(v) for v in existing[1:]] + [asdict(version)]
+            manifest = {"labels": list(self.target.labels), "versions": entries}
+            atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
+        return version

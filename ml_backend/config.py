@@ -1,0 +1,85 @@
+"""Settings from the environment, read once per process.
+
+Every variable is documented in the README's Configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 9090
+    model_dir: Path = Path("models")
+    label_studio_url: str = "http://localhost:8080"
+    label_studio_api_key: str = ""
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    tile_size: int = 1024
+    tile_overlap: int = 64
+    max_image_bytes: int = 256 * 2**20
+    max_image_pixels: int = 16384 * 16384
+    image_cache_mb: int = 512
+    image_timeout: float = 30.0
+    threads: int = 4
+    queue_name: str = "emloop"
+    train_debounce: float = 10.0
+    train_lock_ttl: int = 30
+    train_job_timeout: int = 6 * 3600
+    train_max_steps: int = 400
+    train_patch_size: int = 256
+    train_batch_size: int = 4
+    train_holdout: float = 0.15
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            host=os.environ.get("HOST", cls.host),
+            port=_int("PORT", cls.port),
+            model_dir=Path(os.environ.get("MODEL_DIR", str(cls.model_dir))),
+            label_studio_url=os.environ.get("LABEL_STUDIO_URL", cls.label_studio_url).rstrip("/"),
+            label_studio_api_key=os.environ.get("LABEL_STUDIO_API_KEY", ""),
+            basic_auth_user=os.environ.get("BASIC_AUTH_USER", ""),
+            basic_auth_pass=os.environ.get("BASIC_AUTH_PASS", ""),
+            redis_url=os.environ.get("REDIS_URL", cls.redis_url),
+            tile_size=_int("TILE_SIZE", cls.tile_size),
+            tile_overlap=_int("TILE_OVERLAP", cls.tile_overlap),
+            max_image_bytes=_int("MAX_IMAGE_MB", cls.max_image_bytes // 2**20) * 2**20,
+            max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            image_cache_mb=_int("IMAGE_CACHE_MB", cls.image_cache_mb),
+            image_timeout=_float("IMAGE_TIMEOUT", cls.image_timeout),
+            threads=_int("THREADS", cls.threads),
+            queue_name=os.environ.get("RQ_QUEUE", cls.queue_name),
+            train_debounce=_float("TRAIN_DEBOUNCE_SECONDS", cls.train_debounce),
+            train_lock_ttl=_int("TRAIN_LOCK_TTL", cls.train_lock_ttl),
+            train_job_timeout=_int("TRAIN_JOB_TIMEOUT", cls.train_job_timeout),
+            train_max_steps=_int("TRAIN_MAX_STEPS", cls.train_max_steps),
+            train_patch_size=_int("TRAIN_PATCH_SIZE", cls.train_patch_size),
+            train_batch_size=_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
+            train_holdout=_float("TRAIN_HOLDOUT_FRACTION", cls.train_holdout),
+        )

@@ -1,0 +1,124 @@
+"""Whole-image prediction in overlapping tiles, so any image size fits in bounded memory.
+
+The network sees each tile once (or T times with Monte-Carlo dropout); tiles are
+blended with a window that fades over the overlap, so tile borders leave no seams.
+Memory for the network is bounded by the tile size; the output is C x H x W float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .network import UNet
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+    """Map any intensity range (8/16-bit, float, RGB) to float32 roughly in [-1, 1].
+
+    Percentiles on a subsample rather than the dtype's range, so a 16-bit image
+    using a tenth of its range looks like an 8-bit one to the network.
+    """
+    if image.ndim == 3:
+        image = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D greyscale or RGB image, got shape {image.shape}")
+    step = max(1, int(np.sqrt(image.size / 65536)))
+    sample = image[::step, ::step].astype(np.float32, copy=False).ravel()
+    lo, hi = np.percentile(sample, [1.0, 99.0])
+    if hi <= lo:
+        hi = lo + 1.0
+    out = image.astype(np.float32)
+    out -= lo
+    out *= 2.0 / (hi - lo)
+    out -= 1.0
+    np.clip(out, -1.5, 1.5, out=out)
+    return out
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering [0, length) with tiles of `tile`; the last one ends at the border."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
+    """Weights that ramp linearly from the tile edge over `overlap` pixels (never zero)."""
+
+    def ramp(n: int) -> np.ndarray:
+        if overlap <= 0:
+            return np.ones(n, np.float32)
+        pos = np.arange(n, dtype=np.float32)
+        edge = np.minimum(pos + 1, n - pos) / (overlap + 1)
+        return np.clip(edge, 0.0, 1.0)
+
+    return np.outer(ramp(height), ramp(width)).astype(np.float32)
+
+
+@dataclass
+class ImagePrediction:
+    probs: np.ndarray  # (C, H, W) float32 softmax probabilities
+    embedding: np.ndarray | None = None  # (D,) bottleneck features, area-weighted over tiles
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, h, w
+
+
+@torch.inference_mode()
+def predict_image(
+    net: UNet,
+    image: np.ndarray,
+    *,
+    tile: int = 1024,
+    overlap: int = 64,
+    device: torch.device | None = None,
+    mc_dropout: bool = False,
+    with_embedding: bool = False,
+) -> ImagePrediction:
+    """Softmax probabilities for one image of any size (and optionally its embedding)."""
+    device = device or next(net.parameters()).device
+    pixels = normalize_image(image)
+    height, width = pixels.shape
+    th, tw = min(tile, height), min(tile, width)
+    n_classes = net.config.n_classes
+    acc = np.zeros((n_classes, height, width), np.float32)
+    weight_sum = np.zeros((height, width), np.float32)
+    window = blend_window(th, tw, overlap)
+    embedding_sum, area_sum = None, 0
+    net.set_mc_dropout(mc_dropout)
+    try:
+        for y in tile_starts(height, th, overlap):
+            for x in tile_starts(width, tw, overlap):
+                crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
+                batch, h, w = _pad_to_multiple(crop[None, None].to(device), net.config.size_multiple)
+                batch = batch.contiguous(memory_format=torch.channels_last)
+                if with_embedding:
+                    logits, emb = net(batch, return_embedding=True)
+                    emb = emb[0].float().cpu().numpy()
+                    embedding_sum = emb * (h * w) + (0 if embedding_sum is None else embedding_sum)
+                    area_sum += h * w
+                else:
+                    logits = net(batch)
+                probs = torch.softmax(logits[0, :, :h, :w].float(), dim=0).cpu().numpy()
+                acc[:, y : y + h, x : x + w] += probs * window
+                weight_sum[y : y + h, x : x + w] += window
+    finally:
+        net.set_mc_dropout(False)
+    acc /= weight_sum
+    embedding = None
+    if embedding_sum is not None:
+        embedding = (embedding_sum / float(area_sum)).astype(np.float32)
+    return ImagePrediction(probs=acc, embedding=embedding)

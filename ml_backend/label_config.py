@@ -1,0 +1,79 @@
+"""Find what to segment from a Label Studio label config.
+
+Nothing is hard-coded: the `BrushLabels` control, the `Image` it draws on, and
+the class list (background + every `<Label>`) all come from the project's XML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+
+class LabelConfigError(ValueError):
+    """The label config cannot drive a brush segmentation model."""
+
+
+@dataclass(frozen=True)
+class BrushTarget:
+    """The control/object pair predictions are written for.
+
+    `labels[i]` is class `i + 1`; class 0 is background.
+    """
+
+    from_name: str
+    to_name: str
+    value_key: str
+    labels: tuple[str, ...]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels) + 1
+
+    @property
+    def signature(self) -> str:
+        """Stable id of what a checkpoint was trained to predict (changes if labels change)."""
+        text = "\x1f".join((self.from_name, self.to_name, *self.labels))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def parse_brush_target(label_config: str | None) -> BrushTarget:
+    """Return the first `BrushLabels` control that points at an `Image`."""
+    if not label_config or not label_config.strip():
+        raise LabelConfigError("label config is empty")
+    try:
+        root = ET.fromstring(label_config)
+    except ET.ParseError as exc:
+        raise LabelConfigError(f"label config is not valid XML: {exc}") from None
+
+    images = {
+        el.get("name"): el.get("value", "") for el in root.iter() if el.tag == "Image" and el.get("name")
+    }
+    if not images:
+        raise LabelConfigError("label config has no <Image> object to segment")
+
+    brushes = [el for el in root.iter() if el.tag == "BrushLabels"]
+    if not brushes:
+        raise LabelConfigError("label config has no <BrushLabels> control")
+
+    for control in brushes:
+        from_name = control.get("name")
+        to_name = (control.get("toName") or "").split(",")[0].strip()
+        if not from_name or to_name not in images:
+            continue
+        labels = tuple(
+            label.get("value") for label in control.iter() if label.tag == "Label" and label.get("value")
+        )
+        if not labels:
+            raise LabelConfigError(f"<BrushLabels name={from_name!r}> has no <Label> values")
+        if len(set(labels)) != len(labels):
+            raise LabelConfigError(f"<BrushLabels name={from_name!r}> repeats a <Label> value")
+        value = images[to_name]
+        if not value.startswith("$") or len(value) < 2:
+            raise LabelConfigError(
+                f'<Image name={to_name!r}> must take its URL from a task field, e.g. value="$image"'
+            )
+        return BrushTarget(from_name, to_name, value[1:], labels)
+
+    raise LabelConfigError("no <BrushLabels> control points (toName) at an <Image> of the config")

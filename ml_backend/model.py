@@ -1,0 +1,60 @@
+"""emloop's Label Studio ML backend model: brush-mask pre-annotations with confidence scores.
+
+Reads like a label-studio-ml example on purpose: `setup`, `predict`, `fit`.
+The network, checkpoints, image fetching and training jobs live in their own modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import MLBackendBase
+from .checkpoints import CheckpointStore
+from .images import ImageError
+from .inference import predict_image
+from .label_config import parse_brush_target
+from .predictions import build_prediction
+from .training_queue import TRAINING_EVENTS
+
+
+class EMSegmentationModel(MLBackendBase):
+    """A 2D U-Net per project and label config; background + one class per `<Label>`."""
+
+    TRAINING_EVENTS = TRAINING_EVENTS
+
+    def setup(self) -> None:
+        self.target = parse_brush_target(self.label_config)
+        self.store = CheckpointStore.for_project(
+            self.runtime.settings.model_dir, self.project_id, self.target
+        )
+
+    @property
+    def model_version(self) -> str:
+        return self.store.latest().name
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
+        model = self.runtime.registry.current(self.store)  # every task of this request uses it
+        settings = self.runtime.settings
+        predictions = []
+        for task in tasks:
+            try:
+                image = self.runtime.images.fetch(self._image_url(task))
+            except ImageError as exc:
+                predictions.append({"task": task.get("id"), "error": str(exc)})
+                continue
+            with self.runtime.inference_slot:
+                output = predict_image(
+                    model.net, image, tile=settings.tile_size, overlap=settings.tile_overlap
+                )
+            predictions.append(build_prediction(output.probs, self.target, model.version.name))
+        return predictions
+
+    def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
+        """Never trains here (Label Studio waits 1 s): records the event for the RQ worker."""
+        return self.runtime.training(self.project_id).record_event(event, self.runtime.settings)
+
+    def _image_url(self, task: dict) -> str:
+        data = task.get("data")
+        if not isinstance(data, dict) or self.target.value_key not in data:
+            raise ImageError(f"task data has no {self.target.value_key!r} field for the image")
+        return data[self.target.value_key]

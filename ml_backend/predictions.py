@@ -1,0 +1,70 @@
+"""Turn class probabilities into a Label Studio prediction.
+
+The per-task `score` is a confidence in [0, 1]:
+``score = 1 - mean over pixels of H(p) / log(C)``, where H is the entropy of the
+pixel's class distribution (natural log) and C the number of classes
+(background included). 1 means every pixel is certain, 0 means every pixel is
+uniform over the classes. Label Studio's "Uncertainty sampling" serves the
+lowest score first, so the most uncertain image is served first.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+from sdk.brush import mask_to_rle
+from sdk.strategies import pixel_entropy
+
+from .label_config import BrushTarget
+
+
+def confidence_score(probs: np.ndarray) -> float:
+    """1 − mean normalised pixel entropy of a (C, H, W) probability map."""
+    n_classes = probs.shape[0]
+    if n_classes < 2:
+        return 1.0
+    mean_entropy = float(pixel_entropy(probs).mean(dtype=np.float64))
+    return float(np.clip(1.0 - mean_entropy / np.log(n_classes), 0.0, 1.0))
+
+
+def label_map(probs: np.ndarray) -> np.ndarray:
+    """Most probable class per pixel (0 = background), as uint8/uint16."""
+    dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
+    return probs.argmax(axis=0).astype(dtype)
+
+
+def brush_results(labels: np.ndarray, target: BrushTarget) -> list[dict]:
+    """One `brushlabels` region per class present in the label map."""
+    height, width = labels.shape
+    results = []
+    for class_index in np.unique(labels):
+        if class_index == 0:
+            continue
+        results.append(
+            {
+                "id": secrets.token_hex(5),
+                "from_name": target.from_name,
+                "to_name": target.to_name,
+                "type": "brushlabels",
+                "original_width": int(width),
+                "original_height": int(height),
+                "image_rotation": 0,
+                "value": {
+                    "format": "rle",
+                    "rle": mask_to_rle(labels == class_index),
+                    "brushlabels": [target.labels[int(class_index) - 1]],
+                },
+            }
+        )
+    return results
+
+
+def build_prediction(probs: np.ndarray, target: BrushTarget, model_version: str) -> dict:
+    """One prediction for one task, in the shape Label Studio stores."""
+    return {
+        "result": brush_results(label_map(probs), target),
+        "score": confidence_score(probs),
+        "model_version": model_version,
+    }

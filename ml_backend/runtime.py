@@ -1,0 +1,48 @@
+"""Process-wide state shared by every request: settings, loaded networks, image cache."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from redis import Redis
+
+from .config import Settings
+from .images import ImageFetcher
+from .metrics import Metrics
+from .registry import ModelRegistry
+from .training_queue import ProjectTraining, connect
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    registry: ModelRegistry
+    images: ImageFetcher
+    metrics: Metrics = field(default_factory=Metrics)
+    # One forward pass at a time: CPU cores are shared and memory stays bounded.
+    inference_slot: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
+
+    @cached_property
+    def redis(self) -> Redis:
+        """Short timeouts: a webhook must answer quickly even when Redis is down."""
+        return connect(self.settings.redis_url)
+
+    def training(self, project: str) -> ProjectTraining:
+        return ProjectTraining(self.redis, project)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Runtime:
+        return cls(
+            settings=settings,
+            registry=ModelRegistry(),
+            images=ImageFetcher(
+                settings.label_studio_url,
+                settings.label_studio_api_key,
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+                cache_bytes=settings.image_cache_mb * 2**20,
+                timeout=settings.image_timeout,
+            ),
+        )

@@ -1,0 +1,195 @@
+"""The HTTP protocol Label Studio speaks to ML backends, on Flask 3.
+
+Routes: `GET /` and `/health` (never touch the model, so they answer at once),
+`POST /setup`, `POST /predict`, `POST /webhook`, `GET /metrics`. Caller errors
+are 4xx with `{"error": ...}`; nothing returns a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
+
+from .base import MLBackendBase, project_key
+from .config import Settings
+from .label_config import LabelConfigError
+from .model import EMSegmentationModel
+from .runtime import Runtime
+from .training_queue import all_statuses
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json_body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def create_app(
+    settings: Settings | None = None, model_class: type[MLBackendBase] = EMSegmentationModel
+) -> Flask:
+    settings = settings or Settings.from_env()
+    runtime = Runtime.from_settings(settings)
+    metrics = runtime.metrics
+    configs: dict[str, str] = {}  # project → label config seen in /setup or /predict
+    app = Flask("emloop")
+    app.extensions["emloop.runtime"] = runtime
+
+    def make_model(project: Any, label_config: str | None) -> MLBackendBase:
+        try:
+            key = project_key(project)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        label_config = label_config or configs.get(key)
+        if not label_config:
+            raise BadRequest("no label_config in the request and none known for this project")
+        try:
+            model = model_class(key, label_config, runtime)
+        except LabelConfigError as exc:
+            raise BadRequest(f"label config: {exc}") from None
+        configs[key] = label_config
+        return model
+
+    @app.before_request
+    def _authenticate() -> Response | None:
+        g.started = time.perf_counter()
+        if not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        )
+        if ok:
+            return None
+        resp = jsonify(error="authentication required")
+        resp.status_code = 401
+        resp.headers["WWW-Authenticate"] = 'Basic realm="emloop"'
+        return resp
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.inc(
+            "emloop_http_requests_total",
+            help="HTTP requests by route and status",
+            route=endpoint,
+            status=str(resp.status_code),
+        )
+        started = g.get("started")
+        if started is not None:
+            metrics.observe(
+                "emloop_http_request",
+                time.perf_counter() - started,
+                help="time spent answering",
+                route=endpoint,
+            )
+        return resp
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest) -> tuple[Response, int]:
+        return jsonify(error=str(exc)), exc.status
+
+    @app.errorhandler(RedisError)
+    def _redis_down(exc: RedisError) -> tuple[Response, int]:
+        log.error("Redis at %s unavailable: %s", settings.redis_url, exc)
+        return jsonify(error=f"training queue unavailable (Redis: {type(exc).__name__}); retry later"), 503
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=exc.description or exc.name), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(exc).__name__}); see the backend's log"), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(
+            status="UP",
+            model_class=model_class.__name__,
+            device=str(runtime.registry.device),
+            serving=runtime.registry.loaded_versions(),
+        )
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        model = make_model(body.get("project"), body.get("schema"))
+        return jsonify(model_version=model.model_version)
+
+    @app.post("/predict")
+    def predict() -> tuple[Response, int]:
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("`tasks` must be a list of Label Studio tasks")
+        if not tasks:
+            raise BadRequest("`tasks` is empty: nothing to predict")
+        model = make_model(body.get("project"), body.get("label_config"))
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        good = [t for t in tasks if isinstance(t, dict)]
+        predicted = iter(model.predict(good, context=params.get("context")))
+        results = [
+            next(predicted) if isinstance(t, dict) else {"error": "task must be a JSON object"} for t in tasks
+        ]
+        failed = [r for r in results if "error" in r]
+        metrics.inc(
+            "emloop_predicted_tasks_total", len(results) - len(failed), help="tasks given a prediction"
+        )
+        metrics.inc("emloop_failed_tasks_total", len(failed), help="tasks that could not be predicted")
+        for r in failed:
+            log.warning("task %s not predicted: %s", r.get("task"), r["error"])
+        if len(failed) == len(results):
+            return jsonify(error=f"no task could be predicted: {failed[0]['error']}", results=results), 422
+        return jsonify(results=results, model_version=model.model_version), 200
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        body = _json_body()
+        action = body.get("action")
+        if not isinstance(action, str) or not action:
+            raise BadRequest("webhook body has no `action`")
+        metrics.inc("emloop_webhooks_total", help="webhook events received", action=action)
+        if action not in model_class.TRAINING_EVENTS:
+            return jsonify(status="ignored", action=action)
+        project = body.get("project")
+        label_config = project.get("label_config") if isinstance(project, dict) else None
+        model = make_model(project, label_config)
+        return jsonify(action=action, **model.fit(action, body))
+
+    @app.get("/status")
+    def training_status() -> Response:
+        """Training state of every project: queued / waiting / running (progress) / result / error."""
+        return jsonify(projects=all_statuses(runtime.redis))
+
+    @app.get("/status/<project>")
+    def project_status(project: str) -> Response:
+        try:
+            key = project_key(project)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return jsonify(runtime.training(key).status())
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,187 @@
+"""The RQ training job: snapshot a project's annotations, fine-tune, publish a version.
+
+Runs in `python -m ml_backend.worker`, on any machine that reaches Redis,
+Label Studio and the shared MODEL_DIR; uses CUDA when the worker has it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import cache
+
+import numpy as np
+from label_studio_sdk import LabelStudio
+from rq import get_current_job
+
+from .annotations import AnnotationError, MaskCache, choose_annotation
+from .checkpoints import CheckpointStore
+from .config import Settings
+from .images import ImageError, ImageFetcher
+from .label_config import BrushTarget, parse_brush_target
+from .network import default_device
+from .training import TrainConfig, evaluate, fine_tune
+from .training_queue import ProjectTraining
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSet:
+    target: BrushTarget
+    images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    task_ids: list[int] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # task id → why it could not be used
+
+
+@cache
+def _images(settings: Settings) -> ImageFetcher:
+    return ImageFetcher(
+        settings.label_studio_url,
+        settings.label_studio_api_key,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+        cache_bytes=settings.image_cache_mb * 2**20,
+        timeout=settings.image_timeout,
+    )
+
+
+_masks = MaskCache()
+
+
+def _as_dict(obj: object) -> dict:
+    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)  # type: ignore[arg-type]
+
+
+def fetch_training_set(project: str, settings: Settings) -> TrainingSet:
+    """Every annotated task of the project, decoded; tasks that fail are listed, not dropped silently."""
+    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+    config = client.projects.get(id=int(project)).label_config
+    data = TrainingSet(parse_brush_target(config))
+    fetcher = _images(settings)
+    for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
+        task = _as_dict(task)
+        annotation = choose_annotation(task)
+        if annotation is None:
+            continue  # only skipped/cancelled annotations
+        try:
+            url = (task.get("data") or {}).get(data.target.value_key)
+            image = fetcher.fetch(url)
+            labels = _masks.get(annotation, data.target, image.shape[:2])
+        except (ImageError, AnnotationError) as exc:
+            data.skipped[task["id"]] = str(exc)
+            log.warning("project %s task %s not used for training: %s", project, task["id"], exc)
+            continue
+        data.images.append(image)
+        data.masks.append(labels)
+        data.task_ids.append(task["id"])
+    return data
+
+
+def holdout_split(task_ids: list[int], fraction: float) -> tuple[list[int], list[int]]:
+    """Positions of (train, held-out) tasks; stable per task id, so a task stays on its side."""
+    n = len(task_ids)
+    n_hold = 0 if n < 4 or fraction <= 0 else max(1, round(n * fraction))
+    order = sorted(range(n), key=lambda i: hashlib.sha256(str(task_ids[i]).encode()).digest())
+    held = set(order[:n_hold])
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def train_project(project: str, settings: Settings, state: ProjectTraining | None = None) -> dict:
+    """Fine-tune the project's newest model on all its annotations; returns the new version's record."""
+    started = time.time()
+    data = fetch_training_set(project, settings)
+    if not data.images:
+        raise ValueError(f"project {project} has no usable annotated tasks (skipped: {data.skipped})")
+    train_idx, hold_idx = holdout_split(data.task_ids, settings.train_holdout)
+    pick = lambda idx, items: [items[i] for i in idx]  # noqa: E731
+    store = CheckpointStore.for_project(settings.model_dir, project, data.target)
+    parent, net = store.load_newest_intact()
+    device = default_device()
+    net.to(device)
+    hold_images, hold_masks = pick(hold_idx, data.images), pick(hold_idx, data.masks)
+    before = evaluate(net, hold_images, hold_masks) if hold_idx else None
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if state is not None and (step % 10 == 0 or step == total):
+            state.set_status(progress={"step": step, "max_steps": total, "loss": round(loss, 4)})
+        if step % 25 == 0:
+            log.info("project %s step %d/%d loss %.4f", project, step, total, loss)
+
+    config = TrainConfig(
+        patch_size=settings.train_patch_size,
+        batch_size=settings.train_batch_size,
+        max_steps=settings.train_max_steps,
+        min_steps=min(TrainConfig.min_steps, settings.train_max_steps),
+    )
+    summary = fine_tune(
+        net,
+        pick(train_idx, data.images),
+        pick(train_idx, data.masks),
+        config,
+        val_images=hold_images,
+        val_masks=hold_masks,
+        device=device,
+        progress=progress,
+    )
+    after = evaluate(net, hold_images, hold_masks) if hold_idx else None
+    metrics = {
+        "holdout_before": before,
+        "holdout_after": after,
+        "n_train": len(train_idx),
+        "n_holdout": len(hold_idx),
+        "train_task_ids": pick(train_idx, data.task_ids),
+        "holdout_task_ids": pick(hold_idx, data.task_ids),
+        "skipped_tasks": data.skipped,
+        "device": str(device),
+        "seconds": round(time.time() - started, 1),
+        **summary,
+    }
+    version = store.save(net.cpu(), parent=parent, metrics=metrics)
+    log.info("project %s: published %s (held-out IoU %s → %s)", project, version.name, before, after)
+    return {"version": version.name, "parent": parent.name, "metrics": metrics}
+
+
+def run_training(project: str) -> dict:
+    """RQ entry point: wait for the quiet period, take the project's lock, train once."""
+    settings = Settings.from_env()
+    job = get_current_job()
+    state = ProjectTraining(job.connection, project)
+    state.set_status(state="waiting", job_id=job.id, progress=None)
+    state.wait_quiet(settings.train_debounce)
+    with state.lock(job.id, settings.train_lock_ttl):
+        generation, trained, forced = state.take_snapshot()
+        if generation <= trained and not forced:
+            state.set_status(state="skipped", message="no new annotations since the last run")
+            return {"skipped": True}
+        state.set_status(state="running", job_id=job.id, started_at=time.time(), generation=generation)
+        try:
+            result = train_project(project, settings, state)
+        except Exception as exc:
+            state.set_status(state="failed", error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
+            raise
+        state.mark_trained(generation)
+        state.set_status(
+            state="succeeded",
+            error="",
+            finished_at=time.time(),
+            last_result={
+                "version": result["version"],
+                "metrics": {
+                    k: result["metrics"][k]
+                    for k in (
+                        "holdout_before",
+                        "holdout_after",
+                        "n_train",
+                        "n_holdout",
+                        "steps",
+                        "skipped_tasks",
+                        "seconds",
+                    )
+                },
+            },
+        )
+        return result

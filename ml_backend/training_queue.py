@@ -1,0 +1,167 @@
+"""Coordination of training runs in Redis: debounce, one run per project, status.
+
+Keys per project (prefix ``emloop:train:<project>:``):
+- ``generation``: incremented by every training event;
+- ``last_event``: time of the newest event (the quiet period counts from it);
+- ``scheduled``: set while a job is queued and has not yet taken its snapshot,
+  so a burst of events enqueues one job;
+- ``force``: START_TRAINING was pressed, skip the quiet period;
+- ``lock``: held (with a TTL renewed by a heartbeat) by the one running job;
+- ``trained_generation``: the generation the last run's snapshot included;
+- ``status``: a hash the backend's `/status` shows.
+
+A job clears ``scheduled`` only when it takes its snapshot of the annotations,
+so an event arriving during a run enqueues exactly one follow-up job, which
+waits for the lock and then includes it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+
+from .config import Settings
+
+#: Label Studio webhook actions that (re)train a project's model.
+TRAINING_EVENTS = frozenset(
+    {
+        "ANNOTATION_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATIONS_DELETED",
+        "START_TRAINING",
+    }
+)
+FORCE_EVENTS = frozenset({"START_TRAINING"})
+
+
+class QueueUnavailable(RuntimeError):
+    """Redis did not answer; the webhook says so instead of hanging."""
+
+
+def connect(url: str, timeout: float | None = 0.5) -> Redis:
+    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+class ProjectTraining:
+    """The Redis state of one project's training."""
+
+    def __init__(self, redis: Redis, project: str) -> None:
+        self.redis = redis
+        self.project = project
+        self.prefix = f"emloop:train:{project}:"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    # -- status ----------------------------------------------------------------------
+    def set_status(self, **fields: object) -> None:
+        values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        values["updated_at"] = json.dumps(time.time())
+        self.redis.hset(self.key("status"), mapping=values)
+
+    def status(self) -> dict:
+        raw = self.redis.hgetall(self.key("status"))
+        out: dict = {"project": self.project}
+        for k, v in raw.items():
+            text = v.decode()
+            try:
+                out[k.decode()] = json.loads(text)
+            except ValueError:
+                out[k.decode()] = text
+        if out.get("state") == "running" and not self.redis.exists(self.key("lock")):
+            out["state"] = "interrupted"  # the worker died; its lock expired with it
+        return out
+
+    # -- webhook side -------------------------------------------------------------------
+    def record_event(self, action: str, settings: Settings) -> dict:
+        """Count the event and enqueue a job unless one is already waiting."""
+        from .train_job import run_training  # the job function RQ imports by name
+
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.incr(self.key("generation"))
+        pipe.set(self.key("last_event"), now)
+        if action in FORCE_EVENTS:
+            pipe.set(self.key("force"), 1)
+        generation = pipe.execute()[0]
+        # Expires so a job lost before its snapshot (worker killed) cannot block training forever.
+        ttl = int(settings.train_debounce + settings.train_job_timeout)
+        enqueue = self.redis.set(self.key("scheduled"), 1, nx=True, ex=ttl)
+        state = {"last_event": action, "last_event_at": now, "generation": generation}
+        if enqueue:
+            job = Queue(settings.queue_name, connection=self.redis).enqueue(
+                run_training,
+                self.project,
+                job_timeout=settings.train_job_timeout,
+                result_ttl=7 * 86400,
+                failure_ttl=7 * 86400,
+                description=f"train project {self.project}",
+            )
+            state.update(state="queued", job_id=job.id)
+        self.set_status(**state)
+        return {"queued": bool(enqueue), "generation": generation}
+
+    # -- job side -------------------------------------------------------------------------
+    def wait_quiet(self, quiet: float, poll: float = 0.2) -> None:
+        """Return once no event arrived for `quiet` seconds, or at once if forced."""
+        while True:
+            if self.redis.get(self.key("force")):
+                return
+            last = float(self.redis.get(self.key("last_event")) or 0)
+            remaining = last + quiet - time.time()
+            if remaining <= 0:
+                return
+            time.sleep(min(poll, remaining))
+
+    @contextmanager
+    def lock(self, token: str, ttl: int, poll: float = 0.5) -> Iterator[None]:
+        """Hold the project's training lock; a heartbeat keeps it while the job lives."""
+        key = self.key("lock")
+        while not self.redis.set(key, token, nx=True, ex=ttl):
+            time.sleep(poll)
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(max(1.0, ttl / 3)):
+                try:
+                    if self.redis.get(key) == token.encode():
+                        self.redis.expire(key, ttl)
+                except RedisError:
+                    pass
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if self.redis.get(key) == token.encode():
+                self.redis.delete(key)
+
+    def take_snapshot(self) -> tuple[int, int, bool]:
+        """Claim all events so far: (generation now, generation trained last, forced)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self.key("scheduled"))
+        pipe.get(self.key("generation"))
+        pipe.get(self.key("trained_generation"))
+        pipe.getdel(self.key("force"))
+        _, generation, trained, forced = pipe.execute()
+        return int(generation or 0), int(trained or 0), bool(forced)
+
+    def mark_trained(self, generation: int) -> None:
+        self.redis.set(self.key("trained_generation"), generation)
+
+
+def all_statuses(redis: Redis) -> list[dict]:
+    projects = sorted(
+        {key.decode().split(":")[2] for key in redis.scan_iter(match="emloop:train:*:status", count=500)}
+    )
+    return [ProjectTraining(redis, p).status() for p in projects]
