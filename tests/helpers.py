@@ -1,0 +1,52 @@
+"""Shared test data: label configs, synthetic images, a small trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ml_backend.checkpoints import CheckpointStore, Version
+from ml_backend.label_config import parse_brush_target
+from ml_backend.network import UNet, UNetConfig, build_unet
+from ml_backend.training import TrainConfig, fine_tune
+from sdk.synthetic import synthetic_em
+
+BRUSH_CONFIG = (
+    '<View><Image name="em" value="$img" zoom="true"/>'
+    '<BrushLabels name="organelle" toName="em">'
+    '<Label value="Mitochondria" background="#ff0000"/></BrushLabels></View>'
+)
+
+SMALL_NET = UNetConfig(n_classes=2, base_channels=8, depth=3)
+
+
+def write_images(folder: Path, shapes: list[tuple[int, int]], seed: int = 0) -> list[tuple[Path, np.ndarray]]:
+    """Synthetic EM PNGs of the given sizes; returns (path, ground-truth mask) pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (h, w) in enumerate(shapes):
+        image, mask = synthetic_em(h, w, seed=seed + i)
+        path = folder / f"em_{seed + i:03d}.png"
+        Image.fromarray(image).save(path)
+        out.append((path, mask))
+    return out
+
+
+def train_small_net(steps: int = 40, seed: int = 0) -> UNet:
+    """A small network trained on synthetic EM until it predicts non-trivial masks."""
+    data = [synthetic_em(192, 192, seed=100 + s) for s in range(4)]
+    net = build_unet(SMALL_NET, seed=seed)
+    fine_tune(
+        net,
+        [d[0] for d in data],
+        [d[1] for d in data],
+        TrainConfig(max_steps=steps, patch_size=128, batch_size=4, seed=seed),
+    )
+    return net
+
+
+def publish(net: UNet, model_dir: Path, project: int | str, label_config: str = BRUSH_CONFIG) -> Version:
+    store = CheckpointStore.for_project(model_dir, str(project), parse_brush_target(label_config))
+    return store.save(net, parent=None, metrics={"source": "test"})
