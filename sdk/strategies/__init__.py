@@ -1,0 +1,229 @@
+"""Active-learning sample selection for segmentation: pure functions over numpy arrays.
+
+Entry points: :func:`select` (k pool indices, most informative first) and
+:func:`score` (per-sample informativeness, higher = more informative).
+
+Inputs (N = pool size):
+
+- ``probs``: ``(N, C, H, W)`` softmax probabilities;
+- ``mc_probs``: ``(T, N, C, H, W)`` Monte-Carlo dropout samples;
+- ``embeddings``: ``(N, D)`` pool embeddings (e.g. pooled U-Net bottleneck);
+- ``labeled_embeddings``: ``(M, D)`` of the labeled set, may be None or empty;
+- ``scores``: ``(N,)`` precomputed uncertainty for the score-based strategies
+  (``entropy``, ``least_confidence``, ``margin``, ``bald``, ``ceal``, ``hybrid``),
+  given *instead of* probs/mc_probs. Compute them with :func:`image_score` one image
+  at a time while predicting, so the pool's probabilities never need to be kept.
+
+Strategies (see each family's module): ``random`` (baseline); uncertainty
+(``entropy``, ``least_confidence``, ``margin``, ``bald``; module ``uncertainty``);
+diversity (``kmeans``, ``coreset``; module ``diversity``); ``ceal`` (query part of
+CEAL; use :func:`select_ceal` for the pseudo-labels too); ``hybrid`` (uncertainty
+pre-filter + k-center). Uncertainty scores reduce pixel maps per image with
+``reduction="sum"`` (the papers), ``"mean"`` or ``"region"``; see :func:`reduce_pixels`.
+
+Cold start: ``kmeans`` and ``coreset`` need only embeddings (from a pretrained or
+self-supervised encoder, no trained segmentation head), and ``random`` needs nothing,
+so these are the strategies usable before the first training round
+(:data:`COLD_START_STRATEGIES`, best first). Everything else needs predictions.
+
+Results are int64 arrays of distinct indices, deterministic for a fixed ``seed``
+(only ``random`` and ``kmeans`` use it), ties broken by lower index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._common import as_array, check_k, top_k
+from .baseline import random_select
+from .ceal import CealSelection, ceal_pseudo_labels, ceal_threshold, select_ceal
+from .diversity import coreset_select, greedy_k_center, kmeans_select
+from .hybrid import hybrid_select
+from .uncertainty import (
+    REDUCTIONS,
+    SCORE_STRATEGIES,
+    image_score,
+    image_scores,
+    pixel_bald,
+    pixel_entropy,
+    pixel_least_confidence,
+    pixel_margin,
+    reduce_pixels,
+    uncertainty_scores,
+)
+
+__all__ = [
+    "COLD_START_STRATEGIES",
+    "REDUCTIONS",
+    "SCORE_STRATEGIES",
+    "STRATEGIES",
+    "CealSelection",
+    "ceal_pseudo_labels",
+    "ceal_threshold",
+    "coreset_select",
+    "greedy_k_center",
+    "hybrid_select",
+    "image_score",
+    "image_scores",
+    "kmeans_select",
+    "pixel_bald",
+    "pixel_entropy",
+    "pixel_least_confidence",
+    "pixel_margin",
+    "random_select",
+    "reduce_pixels",
+    "score",
+    "select",
+    "select_ceal",
+]
+
+STRATEGIES = (
+    "random",
+    "entropy",
+    "least_confidence",
+    "margin",
+    "bald",
+    "kmeans",
+    "coreset",
+    "ceal",
+    "hybrid",
+)
+COLD_START_STRATEGIES = ("kmeans", "coreset", "random")
+
+_REDUCTION_OPTIONS = frozenset({"reduction", "region_size", "region_quantile"})
+_OPTIONS: dict[str, frozenset[str]] = {
+    "random": frozenset({"n"}),
+    **{name: _REDUCTION_OPTIONS for name in SCORE_STRATEGIES},
+    "kmeans": frozenset({"n_init"}),
+    "coreset": frozenset(),
+    "ceal": _REDUCTION_OPTIONS | {"uncertainty"},
+    "hybrid": _REDUCTION_OPTIONS | {"uncertainty", "beta"},
+}
+
+
+def _check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def _pool_size(inputs: dict[str, Any]) -> tuple[dict[str, np.ndarray], int | None]:
+    """Validate the given arrays' ndim and that they agree on N."""
+    spec = {"probs": (4, 0), "mc_probs": (5, 1), "embeddings": (2, 0), "scores": (1, 0)}
+    arrays, sizes = {}, {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        ndim, n_axis = spec[name]
+        arrays[name] = as_array(value, name, ndim)
+        sizes[name] = arrays[name].shape[n_axis]
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inputs disagree on the pool size N: {sizes}")
+    return arrays, next(iter(sizes.values()), None)
+
+
+def select(
+    strategy: str,
+    k: int,
+    *,
+    probs: np.ndarray | None = None,
+    mc_probs: np.ndarray | None = None,
+    embeddings: np.ndarray | None = None,
+    labeled_embeddings: np.ndarray | None = None,
+    seed: int | None = None,
+    scores: np.ndarray | None = None,
+    **options: Any,
+) -> np.ndarray:
+    """Pick ``k`` distinct pool indices (int64), most informative first.
+
+    Required inputs per strategy: ``random`` any input or option ``n``; ``entropy``,
+    ``least_confidence``, ``margin``, ``ceal`` probs or mc_probs or scores; ``bald``
+    mc_probs or scores; ``kmeans``, ``coreset`` embeddings; ``hybrid`` embeddings plus
+    probs/mc_probs/scores. Options: ``reduction``/``region_size``/``region_quantile``
+    for the score-based strategies (not with ``scores``), ``uncertainty`` (ceal,
+    hybrid; default "entropy"), ``beta`` (hybrid, default 5), ``n_init`` (kmeans,
+    default 3), ``n`` (random). Unknown options raise ``ValueError``.
+    """
+    name = _check_strategy(strategy)
+    unknown = sorted(set(options) - _OPTIONS[name])
+    if unknown:
+        allowed = ", ".join(sorted(_OPTIONS[name])) or "none"
+        raise ValueError(f"unknown option(s) for {name!r}: {', '.join(unknown)} (allowed: {allowed})")
+    arrays, n = _pool_size({"probs": probs, "mc_probs": mc_probs, "embeddings": embeddings, "scores": scores})
+
+    if name == "random":
+        if "n" in options:
+            if n is not None and options["n"] != n:
+                raise ValueError(f"option n={options['n']} disagrees with the inputs' N={n}")
+            n = options["n"]
+        if n is None:
+            raise ValueError("random needs the pool size: pass any input array or n=")
+        return random_select(n, k, seed=seed)
+
+    if name in ("kmeans", "coreset", "hybrid") and embeddings is None:
+        raise ValueError(f"{name} needs embeddings (N, D)")
+    if name == "kmeans":
+        return kmeans_select(arrays["embeddings"], k, seed=seed, **options)
+    if name == "coreset":
+        check_k(k, n)
+        return coreset_select(arrays["embeddings"], k, labeled_embeddings=labeled_embeddings)
+
+    # Score-based: entropy, least_confidence, margin, bald, ceal, hybrid.
+    if scores is not None:
+        if probs is not None or mc_probs is not None:
+            raise ValueError("pass either precomputed scores or probs/mc_probs, not both")
+        if options.keys() & _REDUCTION_OPTIONS:
+            raise ValueError("reduction options apply to probs/mc_probs, not precomputed scores")
+    elif probs is None and mc_probs is None:
+        need = "mc_probs (T, N, C, H, W)" if name == "bald" else "probs or mc_probs"
+        raise ValueError(f"{name} needs {need}, or precomputed scores (N,)")
+    if name == "hybrid":
+        return hybrid_select(
+            k,
+            embeddings=arrays["embeddings"],
+            probs=probs,
+            mc_probs=mc_probs,
+            scores=scores,
+            labeled_embeddings=labeled_embeddings,
+            **options,
+        )
+    check_k(k, n)
+    if scores is None:
+        uncertainty = options.pop("uncertainty", "entropy") if name == "ceal" else name
+        if uncertainty not in SCORE_STRATEGIES:
+            raise ValueError(f"uncertainty must be one of {SCORE_STRATEGIES}, got {uncertainty!r}")
+        scores = uncertainty_scores(uncertainty, probs=probs, mc_probs=mc_probs, **options)
+    else:
+        scores = arrays["scores"]
+    return top_k(scores, k)
+
+
+def score(
+    strategy: str,
+    *,
+    probs: np.ndarray | None = None,
+    mc_probs: np.ndarray | None = None,
+    reduction: str = "sum",
+    region_size: int = 16,
+    region_quantile: float = 1.0,
+) -> np.ndarray:
+    """Per-sample informativeness ``(N,)`` float64, higher = more informative.
+
+    Only for strategies with a per-sample score (:data:`SCORE_STRATEGIES`); ``bald``
+    needs ``mc_probs``, the others use ``probs`` or else the MC mean.
+    """
+    name = _check_strategy(strategy)
+    if name not in SCORE_STRATEGIES:
+        raise ValueError(
+            f"strategy {name!r} has no per-sample score; scored strategies: {', '.join(SCORE_STRATEGIES)}"
+        )
+    return uncertainty_scores(
+        name,
+        probs=probs,
+        mc_probs=mc_probs,
+        reduction=reduction,
+        region_size=region_size,
+        region_quantile=region_quantile,
+    )

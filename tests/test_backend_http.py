@@ -1,0 +1,144 @@
+"""Bad input against the running backend process: clear 4xx JSON errors, no tracebacks,
+one bad task never fails the others, and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from sdk.local_stack import find_free_port
+
+from .helpers import BRUSH_CONFIG, write_images
+
+pytestmark = pytest.mark.integration
+
+NO_BRUSH = (
+    '<View><Image name="em" value="$img"/><Choices name="c" toName="em"><Choice value="a"/></Choices></View>'
+)
+NO_IMAGE = (
+    '<View><Text name="t" value="$t"/>'
+    '<BrushLabels name="b" toName="t"><Label value="x"/></BrushLabels></View>'
+)
+
+
+def _post(url: str, **kwargs) -> requests.Response:
+    resp = requests.post(url, timeout=100, **kwargs)
+    assert "Traceback" not in resp.text
+    return resp
+
+
+def _predict(backend, tasks, label_config=BRUSH_CONFIG, project="1.0") -> requests.Response:
+    return _post(
+        f"{backend.url}/predict", json={"project": project, "label_config": label_config, "tasks": tasks}
+    )
+
+
+@pytest.fixture
+def project_with_image(label_studio, tmp_path):
+    client = label_studio.client()
+    project = client.projects.create(title="emloop bad input", label_config=BRUSH_CONFIG)
+    ((path, _),) = write_images(tmp_path / "img", [(128, 160)])
+    (task_id,) = label_studio.upload_files(project.id, [path])
+    return project.id, client.tasks.get(task_id).data["img"], path
+
+
+def test_malformed_requests_get_clear_4xx(backend_factory):
+    backend = backend_factory()
+    url = backend.url
+    cases = [
+        (_post(f"{url}/predict", data="not json", headers={"Content-Type": "application/json"}), 400),
+        (_post(f"{url}/predict", data="[1, 2]", headers={"Content-Type": "application/json"}), 400),
+        (_post(f"{url}/predict", json={"project": "1.0", "label_config": BRUSH_CONFIG}), 400),
+        (_post(f"{url}/predict", json={"project": "1.0", "label_config": BRUSH_CONFIG, "tasks": "x"}), 400),
+        (_predict(backend, []), 400),
+        (_predict(backend, [{"id": 1, "data": {"img": "x.png"}}], label_config=NO_BRUSH), 400),
+        (_predict(backend, [{"id": 1, "data": {"img": "x.png"}}], label_config=NO_IMAGE), 400),
+        (_predict(backend, [{"id": 1, "data": {"img": "x.png"}}], label_config="<View"), 400),
+        (_post(f"{url}/setup", json={"project": "1.0", "schema": NO_BRUSH}), 400),
+        (_post(f"{url}/setup", json={"project": "../etc", "schema": BRUSH_CONFIG}), 400),
+        (_post(f"{url}/webhook", data="{", headers={"Content-Type": "application/json"}), 400),
+        (_post(f"{url}/webhook", json={"project": {"id": 1}}), 400),
+        (requests.get(f"{url}/no-such-route", timeout=10), 404),
+    ]
+    for resp, status in cases:
+        assert resp.status_code == status, (resp.request.body, resp.text)
+        assert isinstance(resp.json().get("error"), str) and resp.json()["error"]
+    # Unknown webhook events are cheap acknowledgements.
+    resp = _post(f"{url}/webhook", json={"action": "SOMETHING_NEW", "project": {"id": 1}})
+    assert resp.status_code == 200 and resp.json()["status"] == "ignored"
+    assert requests.get(f"{url}/health", timeout=1).json()["status"] == "UP"
+
+
+def test_bad_images_fail_alone(label_studio, backend_factory, project_with_image, tmp_path):
+    project_id, uploaded, path = project_with_image
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((700, 700), np.uint8)).save(big)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    backend = backend_factory(label_studio=label_studio, env={"MAX_IMAGE_PIXELS": str(600 * 600)})
+    closed_port = find_free_port()
+    tasks = [
+        {"id": 1, "data": {"img": uploaded}},
+        {"id": 2, "data": {"img": "/no/such/image.png"}},
+        {"id": 3, "data": {"img": f"http://127.0.0.1:{closed_port}/x.png"}},
+        {"id": 4, "data": {"img": str(text)}},
+        {"id": 5, "data": {"img": str(big)}},
+        {"id": 6, "data": {"other": "no image field"}},
+        {"id": 7, "data": {"img": str(path)}},
+    ]
+    resp = _predict(backend, tasks, project=f"{project_id}.0")
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert len(results) == len(tasks)
+    errors = {r["task"]: r["error"] for r in results if "error" in r}
+    assert sorted(errors) == [2, 3, 4, 5, 6]
+    assert "HTTP 404" in errors[2]
+    assert "cannot download" in errors[3]
+    assert "not a readable image" in errors[4]
+    assert "MAX_IMAGE_PIXELS" in errors[5]
+    assert "'img'" in errors[6]
+    for good in (results[0], results[6]):
+        assert 0.0 <= good["score"] <= 1.0 and "result" in good
+    # All tasks bad: the whole request is unprocessable, with the reason.
+    resp = _predict(backend, tasks[1:3], project=f"{project_id}.0")
+    assert resp.status_code == 422 and "HTTP 404" in resp.json()["error"]
+    assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
+
+
+def test_wrong_api_key_is_named(label_studio, backend_factory, project_with_image):
+    project_id, uploaded, _ = project_with_image
+    backend = backend_factory(label_studio=label_studio, env={"LABEL_STUDIO_API_KEY": "0" * 40})
+    resp = _predict(backend, [{"id": 1, "data": {"img": uploaded}}], project=f"{project_id}.0")
+    assert resp.status_code == 422
+    assert "LABEL_STUDIO_API_KEY" in resp.json()["error"]
+
+
+def test_health_answers_while_predicting(backend_factory, tmp_path):
+    """Label Studio gives /health 1 s: it must not wait behind a long prediction."""
+    ((path, _),) = write_images(tmp_path / "img", [(1536, 1536)])
+    backend = backend_factory()
+    done = threading.Event()
+
+    def slow_predict() -> None:
+        _predict(backend, [{"id": 1, "data": {"img": str(path)}}] * 3)
+        done.set()
+
+    worker = threading.Thread(target=slow_predict)
+    worker.start()
+    checked = 0
+    while not done.is_set() and checked < 20:
+        assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
+        assert (
+            requests.post(
+                f"{backend.url}/setup", json={"project": "1.0", "schema": BRUSH_CONFIG}, timeout=3
+            ).status_code
+            == 200
+        )
+        checked += 1
+        done.wait(0.2)
+    worker.join()
+    assert checked >= 2, "the prediction finished before /health could be checked during it"
