@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
@@ -20,6 +19,8 @@ from urllib.parse import urljoin, urlparse
 import numpy as np
 import requests
 from PIL import Image
+
+from sdk.labelstudio import LabelStudioAPI, LabelStudioError
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -55,26 +56,23 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            _check_pixels(int(np.prod(page.shape[:2])), max_pixels)
+            size = (int(page.imagelength), int(page.imagewidth))  # page.shape may put samples first
+            _check_pixels(size[0] * size[1], max_pixels)
             array = page.asarray()
     except ImageError:
         raise
     except Exception as exc:
         raise ImageError(f"not a readable TIFF ({type(exc).__name__}: {exc})") from None
-    if array.ndim == 3 and array.shape[-1] not in (3, 4):
+    if array.ndim == 3 and array.shape[:2] != size:
         array = array[0]  # planar stack: first plane
     if array.ndim == 3:
-        array = array[..., :3]
+        array = array[..., :3] if array.shape[-1] >= 3 else array[..., 0]  # RGB(A) or grey + alpha
     return array
 
 
 def _check_pixels(n: int, max_pixels: int) -> None:
     if n > max_pixels:
         raise ImageError(f"image has {n} pixels, more than the limit of {max_pixels} (MAX_IMAGE_PIXELS)")
-
-
-def _is_jwt(token: str) -> bool:
-    return token.count(".") == 2
 
 
 class ImageFetcher:
@@ -90,8 +88,7 @@ class ImageFetcher:
         cache_bytes: int = 512 * 2**20,
         timeout: float = 30.0,
     ) -> None:
-        self.base_url = label_studio_url.rstrip("/")
-        self.api_key = api_key
+        self.label_studio = LabelStudioAPI(label_studio_url, api_key, timeout=timeout)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.cache_bytes = cache_bytes
@@ -100,7 +97,6 @@ class ImageFetcher:
         self._cached_bytes = 0
         self._lock = threading.Lock()
         self._session = requests.Session()
-        self._access_token: tuple[str, float] | None = None
 
     # -- public ------------------------------------------------------------------
     def fetch(self, url: str) -> np.ndarray:
@@ -147,20 +143,20 @@ class ImageFetcher:
         if parsed.scheme:
             raise ImageError(f"{url}: unsupported URL scheme {parsed.scheme!r}")
         if url.startswith("/"):
-            return self._download(urljoin(self.base_url + "/", url.lstrip("/")))
+            return self._download(urljoin(self.label_studio.url + "/", url.lstrip("/")))
         raise ImageError(f"{url}: neither a URL nor an existing file")
 
-    def _is_label_studio(self, url: str) -> bool:
-        a, b = urlparse(url), urlparse(self.base_url)
-        return (a.scheme, a.netloc) == (b.scheme, b.netloc)
-
     def _download(self, url: str) -> bytes:
+        own = self.label_studio.is_own_url(url)
         for attempt in range(2):
-            headers = self._auth_headers(refresh=attempt > 0) if self._is_label_studio(url) else {}
+            try:
+                headers = self.label_studio.auth_headers(refresh=attempt > 0) if own else {}
+            except LabelStudioError as exc:
+                raise ImageError(str(exc)) from None
             try:
                 with self._session.get(url, headers=headers, timeout=self.timeout, stream=True) as resp:
-                    if resp.status_code == 401 and attempt == 0 and _is_jwt(self.api_key):
-                        continue  # access token expired: refresh once
+                    if resp.status_code == 401 and attempt == 0 and own:
+                        continue  # a personal access token's short-lived access token expired
                     if resp.status_code in (401, 403):
                         raise ImageError(
                             f"{url}: Label Studio refused the credentials (HTTP {resp.status_code});"
@@ -184,36 +180,6 @@ class ImageFetcher:
                 raise ImageError(f"{url}: more than {self.max_bytes} bytes (MAX_IMAGE_MB)")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    def _auth_headers(self, refresh: bool = False) -> dict[str, str]:
-        if not self.api_key:
-            return {}
-        if not _is_jwt(self.api_key):
-            return {"Authorization": f"Token {self.api_key}"}
-        return {"Authorization": f"Bearer {self._personal_access_token(refresh)}"}
-
-    def _personal_access_token(self, refresh: bool) -> str:
-        """Exchange the personal access (refresh) token for a short-lived access token."""
-        with self._lock:
-            if self._access_token and not refresh and self._access_token[1] > time.time():
-                return self._access_token[0]
-        try:
-            resp = self._session.post(
-                f"{self.base_url}/api/token/refresh",
-                json={"refresh": self.api_key},
-                timeout=self.timeout,
-            )
-        except requests.RequestException as exc:
-            raise ImageError(f"cannot reach Label Studio at {self.base_url} ({type(exc).__name__})") from None
-        if resp.status_code != 200:
-            raise ImageError(
-                f"Label Studio refused the personal access token (HTTP {resp.status_code});"
-                " check LABEL_STUDIO_API_KEY"
-            )
-        token = resp.json().get("access", "")
-        with self._lock:
-            self._access_token = (token, time.time() + 240)
-        return token
 
     # -- cache -------------------------------------------------------------------
     def _remember(self, key: str, image: np.ndarray) -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
-from label_studio_sdk import LabelStudio
 from rq import get_current_job
 
 from .annotations import AnnotationError, MaskCache, choose_annotation
@@ -52,18 +51,13 @@ def _images(settings: Settings) -> ImageFetcher:
 _masks = MaskCache()
 
 
-def _as_dict(obj: object) -> dict:
-    return obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)  # type: ignore[arg-type]
-
-
 def fetch_training_set(project: str, settings: Settings) -> TrainingSet:
     """Every annotated task of the project, decoded; tasks that fail are listed, not dropped silently."""
-    client = LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
-    config = client.projects.get(id=int(project)).label_config
-    data = TrainingSet(parse_brush_target(config))
     fetcher = _images(settings)
-    for task in client.tasks.list(project=int(project), fields="all", only_annotated=True):
-        task = _as_dict(task)
+    api = fetcher.label_studio
+    config = api.client().projects.get(id=int(project)).label_config
+    data = TrainingSet(parse_brush_target(config))
+    for task in api.iter_tasks(int(project), only_annotated=True):
         annotation = choose_annotation(task)
         if annotation is None:
             continue  # only skipped/cancelled annotations
