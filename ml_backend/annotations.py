@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -34,8 +35,22 @@ def choose_annotation(task: dict) -> dict | None:
     if not usable:
         return None
     return max(
-        usable, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), a.get("id", 0))
+        usable, key=lambda a: (bool(a.get("ground_truth")), _timestamp(a.get("updated_at")), a.get("id", 0))
     )
+
+
+def _timestamp(value: object) -> float:
+    """Label Studio's ISO times (with or without fractions and offsets) as seconds; 0 if unknown."""
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return 0.0
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def label_map(annotation: dict, target: BrushTarget, shape: tuple[int, int]) -> np.ndarray:

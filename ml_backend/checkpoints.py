@@ -91,12 +91,13 @@ class CheckpointStore:
         return cls(Path(model_dir) / f"project-{project}" / target.signature, target)
 
     # -- reading ---------------------------------------------------------------
-    def manifest_stamp(self) -> float:
-        """Changes whenever a version is added; cheap enough to check per request."""
+    def manifest_stamp(self) -> tuple[int, int, int]:
+        """Changes whenever a version is added (a new file replaces the manifest); cheap per request."""
         try:
-            return (self.root / MANIFEST).stat().st_mtime_ns
+            st = (self.root / MANIFEST).stat()
         except FileNotFoundError:
-            return 0.0
+            return (0, 0, 0)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def versions(self) -> list[Version]:
         """All recorded versions, oldest first, version 0 included."""

@@ -33,13 +33,14 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Bytes → 2-D (grey) or 3-D (RGB) array, keeping 8/16-bit/float depth."""
     if data[:4] in TIFF_MAGIC:
         return _decode_tiff(data, max_pixels)
-    Image.MAX_IMAGE_PIXELS = None  # our own limit is checked from the header, before decoding
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
         _check_pixels(img.width * img.height, max_pixels)
         img.load()
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own guard stays on for the process
+        raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except Exception as exc:
         raise ImageError(f"not a readable image ({type(exc).__name__}: {exc})") from None
     if img.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "1"):

@@ -30,7 +30,7 @@ class ModelRegistry:
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device or default_device()
         self._lock = threading.Lock()
-        self._loaded: dict[str, tuple[float, LoadedModel]] = {}
+        self._loaded: dict[str, tuple[tuple[int, int, int], LoadedModel]] = {}
 
     def current(self, store: CheckpointStore) -> LoadedModel:
         """The newest intact version of `store`, loading it if the manifest changed."""

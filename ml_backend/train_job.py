@@ -76,12 +76,19 @@ def fetch_training_set(project: str, settings: Settings) -> TrainingSet:
 
 
 def holdout_split(task_ids: list[int], fraction: float) -> tuple[list[int], list[int]]:
-    """Positions of (train, held-out) tasks; stable per task id, so a task stays on its side."""
-    n = len(task_ids)
-    n_hold = 0 if n < 4 or fraction <= 0 else max(1, round(n * fraction))
-    order = sorted(range(n), key=lambda i: hashlib.sha256(str(task_ids[i]).encode()).digest())
-    held = set(order[:n_hold])
-    return [i for i in range(n) if i not in held], sorted(held)
+    """Positions of (train, held-out) tasks.
+
+    A task is held out when its id hashes below `fraction`, so it stays on its side as the
+    project grows and a model is never scored on tasks an ancestor trained on. With 4 or
+    more tasks and none below the threshold, the lowest hash is held out.
+    """
+    if len(task_ids) < 4 or fraction <= 0:
+        return list(range(len(task_ids))), []
+    unit = [int.from_bytes(hashlib.sha256(str(t).encode()).digest()[:8], "big") / 2**64 for t in task_ids]
+    held = {i for i, u in enumerate(unit) if u < fraction} or {min(range(len(unit)), key=unit.__getitem__)}
+    if len(held) == len(task_ids):
+        held.discard(max(held, key=unit.__getitem__))
+    return [i for i in range(len(task_ids)) if i not in held], sorted(held)
 
 
 def train_project(project: str, settings: Settings, state: ProjectTraining | None = None) -> dict:

@@ -130,7 +130,7 @@ class ProjectTraining:
         stop = threading.Event()
 
         def heartbeat() -> None:
-            while not stop.wait(max(1.0, ttl / 3)):
+            while not stop.wait(max(0.2, ttl / 3)):
                 try:
                     if self.redis.get(key) == token.encode():
                         self.redis.expire(key, ttl)

@@ -1,0 +1,233 @@
+"""Versioned checkpoints (atomic, verified, falling back past corrupt files) and the model registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_backend.checkpoints import CheckpointError, CheckpointStore, atomic_write_bytes, version_name
+from ml_backend.label_config import parse_brush_target
+from ml_backend.network import UNet, UNetConfig, build_unet
+from ml_backend.registry import ModelRegistry
+
+CONFIG = """
+<View><Image name="img" value="$image"/>
+<BrushLabels name="seg" toName="img"><Label value="Membrane"/><Label value="Mito"/></BrushLabels></View>
+"""
+TARGET = parse_brush_target(CONFIG)
+TINY = UNetConfig(n_classes=TARGET.n_classes, base_channels=4, depth=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CheckpointStore:
+    return CheckpointStore(tmp_path / "ckpt", TARGET, TINY)
+
+
+def perturbed(seed: int) -> UNet:
+    """A network that differs from version 0 (as if it had been trained)."""
+    net = build_unet(TINY, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(0.05 * seed)
+    return net.eval()
+
+
+def outputs(net: UNet) -> torch.Tensor:
+    x = torch.linspace(-1, 1, 32 * 40).reshape(1, 1, 32, 40)
+    with torch.no_grad():
+        return net.eval()(x)
+
+
+def same_weights(a: UNet, b: UNet) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_round_trip_gives_identical_outputs(store: CheckpointStore) -> None:
+    net = perturbed(1)
+    version = store.save(net, parent=store.latest(), metrics={"iou": 0.5})
+    loaded = store.load(version)
+    assert isinstance(loaded, UNet) and not loaded.training
+    assert loaded.config == net.config
+    assert same_weights(loaded, net)
+    assert torch.equal(outputs(loaded), outputs(net))
+
+
+def test_versions_are_numbered_and_listed_in_manifest(store: CheckpointStore) -> None:
+    assert [v.number for v in store.versions()] == [0]
+    assert store.latest().name == version_name(0, TARGET)
+    v1 = store.save(perturbed(1), parent=store.latest(), metrics={"iou": 0.4, "steps": 10})
+    v2 = store.save(perturbed(2), parent=v1, metrics={"iou": 0.6, "steps": 20})
+    assert (v1.number, v2.number) == (1, 2)
+    assert (v1.file, v2.file) == ("v1.pt", "v2.pt")
+    assert v1.name == f"emloop-v1-{TARGET.signature[:6]}" and v2.name != v1.name
+    assert v1.parent == version_name(0, TARGET) and v2.parent == v1.name
+    assert [v.number for v in store.versions()] == [0, 1, 2]
+    assert store.latest() == v2
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    assert manifest["labels"] == ["Membrane", "Mito"]
+    assert [e["name"] for e in manifest["versions"]] == [v1.name, v2.name]
+    metrics = [e["metrics"] for e in manifest["versions"]]
+    assert metrics == [{"iou": 0.4, "steps": 10}, {"iou": 0.6, "steps": 20}]
+    assert all(len(e["sha256"]) == 64 for e in manifest["versions"])
+    # A second store on the same directory (another process) sees the same history.
+    assert CheckpointStore(store.root, TARGET, TINY).versions() == store.versions()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "garbage"])
+def test_corrupt_newest_falls_back_to_previous(store: CheckpointStore, damage: str) -> None:
+    good = perturbed(1)
+    v1 = store.save(good, parent=None, metrics={})
+    v2 = store.save(perturbed(2), parent=v1, metrics={})
+    path = store.root / str(v2.file)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        pos = len(data) // 2
+        path.write_bytes(data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1 :])
+    elif damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=v2.name):
+        store.load(v2)
+    version, net = store.load_newest_intact()
+    assert version == v1
+    assert same_weights(net, good)
+
+
+def test_all_files_corrupt_falls_back_to_version_0(store: CheckpointStore) -> None:
+    v1 = store.save(perturbed(1), parent=None, metrics={})
+    (store.root / str(v1.file)).write_bytes(b"")
+    version, net = store.load_newest_intact()
+    assert version.number == 0
+    assert same_weights(net, build_unet(TINY, seed=0))
+
+
+def test_file_with_valid_hash_but_bad_content_is_skipped(store: CheckpointStore) -> None:
+    """Hash matches but the payload is not a checkpoint (e.g. written by a buggy tool)."""
+    v1 = store.save(perturbed(1), parent=None, metrics={})
+    v2 = store.save(perturbed(2), parent=v1, metrics={})
+    junk = b"PK\x03\x04 definitely not torch"
+    (store.root / str(v2.file)).write_bytes(junk)
+    manifest = json.loads((store.root / "manifest.json").read_text())
+    manifest["versions"][-1]["sha256"] = hashlib.sha256(junk).hexdigest()
+    (store.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint"):
+        store.load(store.latest())
+    assert store.load_newest_intact()[0] == v1
+
+
+def test_unrecorded_files_never_load(store: CheckpointStore) -> None:
+    v1 = store.save(perturbed(1), parent=None, metrics={})
+    payload = (store.root / "v1.pt").read_bytes()
+    # A writer killed mid-save leaves a temp file, or a complete file the manifest never named.
+    (store.root / ".v2.pt.abc123.tmp").write_bytes(payload[:100])
+    (store.root / "v2.pt").write_bytes((store.root / "v1.pt").read_bytes())
+    (store.root / "v3.pt").write_bytes(payload[:100])
+    assert [v.number for v in store.versions()] == [0, 1]
+    version, _ = store.load_newest_intact()
+    assert version == v1
+    # The next save takes the next recorded number and overwrites the stray v2.pt.
+    v2 = store.save(perturbed(2), parent=v1, metrics={})
+    assert v2.number == 2
+    assert same_weights(store.load(v2), perturbed(2))
+
+
+def test_unreadable_manifest_serves_version_0(store: CheckpointStore) -> None:
+    store.save(perturbed(1), parent=None, metrics={})
+    (store.root / "manifest.json").write_text('{"versions": [')
+    assert [v.number for v in store.versions()] == [0]
+    assert store.load_newest_intact()[0].number == 0
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.bin"
+    atomic_write_bytes(target, b"one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]
+
+
+def test_version_0_is_deterministic(tmp_path: Path) -> None:
+    a = CheckpointStore(tmp_path / "a", TARGET, TINY)
+    b = CheckpointStore(tmp_path / "b", TARGET, TINY)
+    va, na = a.load_newest_intact()
+    vb, nb = b.load_newest_intact()
+    assert va.number == vb.number == 0 and va.name == vb.name
+    assert same_weights(na, nb)
+    assert not (tmp_path / "a").exists()  # version 0 is never written
+
+
+def test_default_network_matches_label_config(tmp_path: Path) -> None:
+    store = CheckpointStore.for_project(tmp_path, "7", TARGET)
+    assert store.network.n_classes == 3
+    assert store.load_newest_intact()[1].head.out_channels == 3
+
+
+def test_label_configs_use_separate_directories(tmp_path: Path) -> None:
+    other = parse_brush_target(CONFIG.replace('<Label value="Mito"/>', ""))
+    s1 = CheckpointStore.for_project(tmp_path, "7", TARGET)
+    s2 = CheckpointStore.for_project(tmp_path, "7", other)
+    s3 = CheckpointStore.for_project(tmp_path, "8", TARGET)
+    assert len({s1.root, s2.root, s3.root}) == 3
+    assert s1.root == tmp_path / "project-7" / TARGET.signature
+    s1.save(build_unet(s1.network), parent=None, metrics={})
+    assert [v.number for v in s2.versions()] == [0]
+    assert [v.number for v in s3.versions()] == [0]
+    assert s1.latest().name != s2.latest().name  # model_version tells the lineages apart
+
+
+# -- registry ---------------------------------------------------------------------------------
+
+
+def test_registry_follows_new_versions_and_snapshots_keep_their_network(store: CheckpointStore) -> None:
+    registry = ModelRegistry(torch.device("cpu"))
+    first = registry.current(store)
+    assert first.version.number == 0
+    assert registry.current(store) is first  # cached while the manifest is unchanged
+    before = outputs(first.net)
+
+    trained = perturbed(1)
+    v1 = store.save(trained, parent=first.version, metrics={})
+    second = registry.current(store)  # no restart needed
+    assert second.version == v1
+    assert second.net is not first.net
+    # (the registry switches to channels_last, so float summation order may differ)
+    torch.testing.assert_close(outputs(second.net), outputs(trained))
+    # A request that took its snapshot earlier finishes on the old, unchanged network.
+    assert first.version.number == 0
+    assert torch.equal(outputs(first.net), before)
+    assert registry.loaded_versions() == {str(store.root): v1.name}
+
+    v2 = store.save(perturbed(2), parent=v1, metrics={})
+    assert registry.current(store).version == v2
+
+
+def test_registry_keeps_serving_when_newest_is_corrupt(store: CheckpointStore) -> None:
+    registry = ModelRegistry(torch.device("cpu"))
+    v1 = store.save(perturbed(1), parent=None, metrics={})
+    served = registry.current(store)
+    assert served.version == v1
+    v2 = store.save(perturbed(2), parent=v1, metrics={})
+    (store.root / str(v2.file)).write_bytes(b"broken")
+    again = registry.current(store)
+    assert again.version == v1
+    assert again is served  # same version: the loaded network is reused, not reloaded

@@ -1,0 +1,333 @@
+"""The Flask app through its test client: the Label Studio ML backend protocol and its error paths."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flask.testing import FlaskClient
+from PIL import Image
+from redis.exceptions import RedisError
+from rq import Queue
+
+from ml_backend.checkpoints import CheckpointStore, version_name
+from ml_backend.config import Settings
+from ml_backend.inference import predict_image
+from ml_backend.label_config import parse_brush_target
+from ml_backend.network import UNetConfig, build_unet
+from ml_backend.predictions import confidence_score
+from ml_backend.server import create_app
+from ml_backend.training_queue import connect
+from sdk.brush import rle_to_mask
+
+CONFIG = (
+    '<View><Image name="em" value="$image"/><BrushLabels name="brush" toName="em">'
+    '<Label value="Membrane"/><Label value="Mito"/></BrushLabels></View>'
+)
+TARGET = parse_brush_target(CONFIG)
+REDIS_DOWN = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_settings(tmp_path: Path, **overrides) -> Settings:
+    values = {
+        "model_dir": tmp_path / "models",
+        "redis_url": REDIS_DOWN,
+        "label_studio_url": "http://127.0.0.1:1",
+        "image_timeout": 5.0,
+        "tile_size": 64,
+        "tile_overlap": 16,
+    }
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> FlaskClient:
+    return create_app(make_settings(tmp_path)).test_client()
+
+
+@pytest.fixture
+def image_path(tmp_path: Path) -> str:
+    yy, xx = np.mgrid[:48, :64]
+    pixels = ((np.sin(yy / 4) + np.cos(xx / 6)) * 60 + 128).astype(np.uint8)
+    path = tmp_path / "slice.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def load(path: str) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def assert_clean_error(resp, status: int) -> str:
+    assert resp.status_code == status, resp.get_data(as_text=True)
+    assert resp.is_json
+    body = resp.get_json()
+    assert isinstance(body["error"], str) and body["error"]
+    text = resp.get_data(as_text=True)
+    assert "Traceback" not in text and 'File "' not in text
+    return body["error"]
+
+
+def predict(client: FlaskClient, tasks, **extra):
+    body = {"tasks": tasks, "project": "12.1712345678", "label_config": CONFIG, **extra}
+    return client.post("/predict", json=body)
+
+
+def one_task(**fields) -> dict:
+    return {"json": {"tasks": [{"id": 1}], "project": "1", "label_config": CONFIG, **fields}}
+
+
+# -- health and setup ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["/", "/health"])
+def test_health(client: FlaskClient, route: str) -> None:
+    resp = client.get(route)
+    assert resp.status_code == 200
+    body = resp.get_json()
+    assert body["status"] == "UP"
+    assert body["model_class"] == "EMSegmentationModel"
+    assert body["device"] in ("cpu", "cuda")
+    assert body["serving"] == {}
+
+
+def test_setup_returns_model_version(client: FlaskClient) -> None:
+    resp = client.post("/setup", json={"project": "12.1712345678", "schema": CONFIG})
+    assert resp.status_code == 200
+    assert resp.get_json() == {"model_version": version_name(0, TARGET)}
+
+
+# -- predict -------------------------------------------------------------------------------------
+
+
+def test_predict_local_image(client: FlaskClient, image_path: str) -> None:
+    resp = predict(client, [{"id": 1, "data": {"image": image_path}}])
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["model_version"] == version_name(0, TARGET)
+    [prediction] = body["results"]
+    assert prediction["model_version"] == body["model_version"]
+    assert isinstance(prediction["score"], float) and 0.0 <= prediction["score"] <= 1.0
+    # Version 0 is the seeded initial network: the same prediction can be made here.
+    probs = predict_image(build_unet(UNetConfig(n_classes=3)), load(image_path), tile=64, overlap=16).probs
+    assert prediction["score"] == pytest.approx(confidence_score(probs), abs=1e-4)
+    serving = client.get("/health").get_json()["serving"]
+    assert list(serving.values()) == [version_name(0, TARGET)]
+
+
+def test_predict_serves_new_checkpoint_and_regions_match(
+    client: FlaskClient, image_path: str, tmp_path: Path
+) -> None:
+    assert predict(client, [{"id": 1, "data": {"image": image_path}}]).status_code == 200
+    # A training job publishes version 1 (a network whose head actually separates classes).
+    net = build_unet(UNetConfig(n_classes=3))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        net.head.weight.copy_(torch.randn(net.head.weight.shape, generator=gen) * 5)
+    store = CheckpointStore.for_project(tmp_path / "models", "12", TARGET)
+    v1 = store.save(net, parent=store.latest(), metrics={})
+    resp = predict(client, [{"id": 1, "data": {"image": image_path}}])
+    body = resp.get_json()
+    assert body["model_version"] == v1.name  # picked up without a restart
+    [prediction] = body["results"]
+    probs = predict_image(net, load(image_path), tile=64, overlap=16).probs
+    expected = probs.argmax(axis=0)
+    assert len(np.unique(expected)) == 3  # the check below is not vacuous
+    assert prediction["score"] == pytest.approx(confidence_score(probs), abs=1e-4)
+    labels = np.zeros((48, 64), np.int64)
+    for region in prediction["result"]:
+        assert (region["from_name"], region["to_name"], region["type"]) == ("brush", "em", "brushlabels")
+        assert (region["original_width"], region["original_height"]) == (64, 48)
+        [name] = region["value"]["brushlabels"]
+        labels[rle_to_mask(region["value"]["rle"], 48, 64) > 0] = 1 + TARGET.labels.index(name)
+    assert len(prediction["result"]) == 2
+    assert (labels == expected).mean() > 0.995  # identical but for float near-ties (channels_last)
+
+
+def test_predict_several_tasks_in_order(client: FlaskClient, image_path: str) -> None:
+    tasks = [{"id": i, "data": {"image": image_path}} for i in range(3)]
+    body = predict(client, tasks).get_json()
+    assert len(body["results"]) == 3
+    assert all("error" not in r for r in body["results"])
+    assert len({r["score"] for r in body["results"]}) == 1  # same image, same model
+
+
+def test_predict_uses_config_from_setup(client: FlaskClient, image_path: str) -> None:
+    task = {"id": 1, "data": {"image": image_path}}
+    err = assert_clean_error(client.post("/predict", json={"tasks": [task], "project": "5.1"}), 400)
+    assert "label_config" in err
+    client.post("/setup", json={"project": "5.1", "schema": CONFIG})
+    resp = client.post("/predict", json={"tasks": [task], "project": "5.1"})
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"data": "not json", "content_type": "text/plain"}, "JSON object"),
+        ({"data": "{not json", "content_type": "application/json"}, "JSON object"),
+        ({"json": ["tasks"]}, "JSON object"),
+        ({"json": "tasks"}, "JSON object"),
+        ({"json": {"project": "1", "label_config": CONFIG}}, "`tasks` must be a list"),
+        (one_task(tasks={"id": 1}), "`tasks` must be a list"),
+        (one_task(tasks=None), "`tasks` must be a list"),
+        (one_task(tasks=[]), "empty"),
+        (one_task(label_config="<View/>"), "label config"),
+        (one_task(label_config="<View"), "label config"),
+        (one_task(label_config=CONFIG.replace("Image", "Text")), "label config"),
+        (one_task(label_config=CONFIG.replace("Brush", "Rectangle")), "label config"),
+        (one_task(project="../etc"), "invalid project id"),
+        (one_task(project="a b"), "invalid project id"),
+        (one_task(project=None), "invalid project id"),
+        (one_task(project={"id": "x;y"}), "invalid project id"),
+    ],
+)
+def test_predict_bad_requests(client: FlaskClient, kwargs: dict, message: str) -> None:
+    assert message in assert_clean_error(client.post("/predict", **kwargs), 400)
+
+
+def test_one_bad_task_among_good_ones(client: FlaskClient, image_path: str) -> None:
+    tasks = [
+        {"id": 1, "data": {"image": image_path}},
+        {"id": 2, "data": {"picture": image_path}},  # wrong field
+        "not a task",
+        {"id": 4, "data": {"image": "/data/upload/1/missing.png"}},  # Label Studio unreachable
+        {"id": 5, "data": {"image": image_path}},
+    ]
+    resp = predict(client, tasks)
+    assert resp.status_code == 200
+    results = resp.get_json()["results"]
+    assert len(results) == 5
+    assert "score" in results[0] and "score" in results[4]
+    assert results[1]["task"] == 2 and "'image'" in results[1]["error"]
+    assert results[2] == {"error": "task must be a JSON object"}
+    assert results[3]["task"] == 4 and "cannot download" in results[3]["error"]
+
+
+def test_all_tasks_bad(client: FlaskClient, tmp_path: Path) -> None:
+    (tmp_path / "junk.png").write_bytes(b"definitely not a png")
+    tasks = [{"id": 1, "data": {}}, {"id": 2, "data": {"image": str(tmp_path / "junk.png")}}]
+    resp = predict(client, tasks)
+    err = assert_clean_error(resp, 422)
+    assert err.startswith("no task could be predicted")
+    results = resp.get_json()["results"]
+    assert [r["task"] for r in results] == [1, 2]
+    assert "not a readable image" in results[1]["error"]
+
+
+# -- webhook -------------------------------------------------------------------------------------
+
+
+def test_webhook_unknown_action_ignored(client: FlaskClient) -> None:
+    resp = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 3}})
+    assert resp.status_code == 200
+    assert resp.get_json() == {"status": "ignored", "action": "PROJECT_UPDATED"}
+
+
+@pytest.mark.parametrize("body", [{}, {"action": ""}, {"action": 5}, {"project": {"id": 3}}])
+def test_webhook_without_action(client: FlaskClient, body: dict) -> None:
+    assert "action" in assert_clean_error(client.post("/webhook", json=body), 400)
+
+
+def test_webhook_not_json(client: FlaskClient) -> None:
+    assert_clean_error(client.post("/webhook", data="x", content_type="text/plain"), 400)
+
+
+def test_training_webhook_without_label_config(client: FlaskClient) -> None:
+    resp = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}})
+    assert "label_config" in assert_clean_error(resp, 400)
+
+
+def test_training_webhook_with_redis_down(client: FlaskClient) -> None:
+    body = {"action": "ANNOTATION_CREATED", "project": {"id": 3, "label_config": CONFIG}}
+    err = assert_clean_error(client.post("/webhook", json=body), 503)
+    assert "training queue unavailable" in err
+    assert "unavailable" in assert_clean_error(client.get("/status/3"), 503)
+    assert "unavailable" in assert_clean_error(client.get("/status"), 503)
+
+
+def test_training_webhook_queues_a_job(tmp_path: Path) -> None:
+    url = "redis://127.0.0.1:6379/15"
+    redis = connect(url, timeout=2.0)
+    try:
+        redis.ping()
+    except RedisError as exc:
+        pytest.skip(f"no Redis at {url}: {exc}")
+    project, queue_name = f"test-{uuid.uuid4().hex[:12]}", f"emloop-test-{uuid.uuid4().hex[:12]}"
+    client = create_app(make_settings(tmp_path, redis_url=url, queue_name=queue_name)).test_client()
+    try:
+        body = {"action": "ANNOTATION_CREATED", "project": {"id": project, "label_config": CONFIG}}
+        first = client.post("/webhook", json=body)
+        second = client.post("/webhook", json=body)
+        assert first.status_code == second.status_code == 200
+        assert first.get_json() == {"action": "ANNOTATION_CREATED", "queued": True, "generation": 1}
+        assert second.get_json() == {"action": "ANNOTATION_CREATED", "queued": False, "generation": 2}
+        assert Queue(queue_name, connection=redis).count == 1
+        status = client.get(f"/status/{project}").get_json()
+        assert status["project"] == project and status["state"] == "queued"
+    finally:
+        Queue(queue_name, connection=redis).delete(delete_jobs=True)
+        keys = list(redis.scan_iter(match=f"emloop:train:{project}:*"))
+        if keys:
+            redis.delete(*keys)
+        redis.close()
+
+
+def test_status_rejects_bad_project(client: FlaskClient) -> None:
+    assert "invalid project id" in assert_clean_error(client.get("/status/a%20b"), 400)
+
+
+# -- auth, errors, metrics -----------------------------------------------------------------------
+
+
+def test_basic_auth(tmp_path: Path) -> None:
+    client = create_app(make_settings(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")).test_client()
+
+    def auth(user: str, password: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    resp = client.get("/health")
+    assert_clean_error(resp, 401)
+    assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert_clean_error(client.get("/health", headers=auth("ls", "wrong")), 401)
+    assert_clean_error(client.get("/health", headers=auth("other", "s3cret")), 401)
+    assert_clean_error(client.post("/setup", json={"project": "1", "schema": CONFIG}), 401)
+    assert client.get("/health", headers=auth("ls", "s3cret")).status_code == 200
+    resp = client.post("/setup", json={"project": "1", "schema": CONFIG}, headers=auth("ls", "s3cret"))
+    assert resp.status_code == 200
+
+
+def test_unknown_route_and_method(client: FlaskClient) -> None:
+    assert_clean_error(client.get("/nope"), 404)
+    assert_clean_error(client.get("/predict"), 405)
+
+
+def test_metrics(client: FlaskClient, image_path: str) -> None:
+    client.get("/health")
+    predict(client, [{"id": 1, "data": {"image": image_path}}, {"id": 2, "data": {}}])
+    client.post("/webhook", json={"action": "PROJECT_UPDATED"})
+    client.post("/predict", json=[])
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.mimetype == "text/plain"
+    text = resp.get_data(as_text=True)
+    assert 'emloop_http_requests_total{route="/health",status="200"} 1' in text
+    assert 'emloop_http_requests_total{route="/predict",status="200"} 1' in text
+    assert 'emloop_http_requests_total{route="/predict",status="400"} 1' in text
+    assert "emloop_predicted_tasks_total 1" in text
+    assert "emloop_failed_tasks_total 1" in text
+    assert 'emloop_webhooks_total{action="PROJECT_UPDATED"} 1' in text
+    assert 'emloop_http_request_seconds_count{route="/predict"} 2' in text
+    assert "# TYPE emloop_http_requests_total counter" in text

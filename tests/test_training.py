@@ -1,0 +1,341 @@
+"""Fine-tuning, evaluation, hold-out split, and brush annotations → label maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ml_backend.annotations import AnnotationError, MaskCache, choose_annotation, label_map
+from ml_backend.inference import normalize_image
+from ml_backend.label_config import parse_brush_target
+from ml_backend.network import UNetConfig, build_unet
+from ml_backend.train_job import holdout_split
+from ml_backend.training import (
+    IGNORE,
+    TrainConfig,
+    confusion_counts,
+    evaluate,
+    fine_tune,
+    sample_patches,
+    scores_from_counts,
+    segmentation_loss,
+)
+from sdk.brush import mask_to_rle
+
+TARGET = parse_brush_target(
+    '<View><Image name="em" value="$image"/><BrushLabels name="brush" toName="em">'
+    '<Label value="Membrane"/><Label value="Mito"/></BrushLabels></View>'
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def discs(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Bright discs on a dark noisy background, and their mask (class 1)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(4):
+        cy, cx = rng.integers(8, size - 8, 2)
+        r = rng.integers(5, 10)
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    image = np.where(mask, 200, 40) + rng.normal(0, 15, (size, size))
+    return image.clip(0, 255).astype(np.uint8), mask
+
+
+# -- patches and loss -------------------------------------------------------------------------
+
+
+def test_sample_patches_shapes_and_consistent_augmentation() -> None:
+    image = np.random.default_rng(0).random((50, 70)).astype(np.float32)
+    mask = (image > 0.5).astype(np.uint8)
+    xs, ys = sample_patches([image], [mask], 32, 16, np.random.default_rng(1))
+    assert xs.shape == (16, 1, 32, 32) and xs.dtype == np.float32
+    assert ys.shape == (16, 32, 32) and ys.dtype == np.int64
+    assert not (ys == IGNORE).any()  # the image is larger than the patch: no padding
+    # Flips/rotations are applied to image and labels alike.
+    np.testing.assert_array_equal(ys, (xs[:, 0] > 0.5).astype(np.int64))
+    again = sample_patches([image], [mask], 32, 16, np.random.default_rng(1))
+    np.testing.assert_array_equal(again[0], xs)
+
+
+def test_sample_patches_pads_small_images_with_ignore() -> None:
+    small = np.ones((20, 30), np.float32)
+    xs, ys = sample_patches([small], [np.ones((20, 30), np.uint8)], 32, 8, np.random.default_rng(0))
+    assert xs.shape == (8, 1, 32, 32)
+    for x, y in zip(xs[:, 0], ys, strict=True):
+        assert (y == IGNORE).sum() == 32 * 32 - 20 * 30  # every patch holds the whole image
+        assert ((y == 1) == (x == 1)).all()  # the image sits where the labels are
+    # Mixed sizes: patches come from both images.
+    big = np.zeros((40, 40), np.float32)
+    masks = [np.ones((20, 30), np.uint8), np.zeros((40, 40), np.uint8)]
+    _, ys = sample_patches([small, big], masks, 32, 40, np.random.default_rng(0))
+    has_ignore = (ys == IGNORE).any(axis=(1, 2))
+    assert has_ignore.any() and not has_ignore.all()
+
+
+def test_segmentation_loss_ignores_ignore_pixels() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 10, generator=gen, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 10), generator=gen)
+    target[..., 6:] = IGNORE
+    loss = segmentation_loss(logits, target)
+    # Same as the loss on the valid part only.
+    cropped = segmentation_loss(logits[..., :6], target[..., :6])
+    torch.testing.assert_close(loss, cropped)
+    # Whatever the network says on IGNORE pixels changes nothing...
+    other = logits.detach().clone()
+    other[..., 6:] = torch.randn(2, 3, 8, 4, generator=gen) * 10
+    torch.testing.assert_close(segmentation_loss(other, target), loss.detach())
+    # ...and gets no gradient.
+    loss.backward()
+    assert logits.grad is not None
+    assert torch.all(logits.grad[..., 6:] == 0)
+    assert torch.any(logits.grad[..., :6] != 0)
+
+
+def test_segmentation_loss_lower_for_right_answers() -> None:
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:6, 2:6] = 1
+    right = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 10
+    assert float(segmentation_loss(right, target)) < 0.01
+    assert float(segmentation_loss(-right, target)) > 1.0
+
+
+# -- fine-tuning -------------------------------------------------------------------------------
+
+
+def test_fine_tune_learns_discs() -> None:
+    train = [discs(seed) for seed in range(3)]
+    held_image, held_mask = discs(100)
+    net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=0)
+    before = evaluate(net, [held_image], [held_mask])
+    losses: list[float] = []
+    config = TrainConfig(patch_size=48, batch_size=4, max_steps=30, learning_rate=1e-2, seed=0)
+    summary = fine_tune(
+        net,
+        [im for im, _ in train],
+        [m for _, m in train],
+        config,
+        progress=lambda step, total, loss: losses.append(loss),
+    )
+    assert summary["steps"] == 30 and len(losses) == 30
+    assert summary["final_loss"] == losses[-1]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert not net.training
+    after = evaluate(net, [held_image], [held_mask])
+    assert after["iou"] > 0.5
+    assert after["iou"] > before["iou"]
+    assert after["dice"] >= after["iou"]
+
+
+def test_fine_tune_with_validation_keeps_best_weights() -> None:
+    images, masks = zip(*(discs(seed, 48) for seed in range(2)), strict=True)
+    val_image, val_mask = discs(50, 48)
+    net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=1)
+    config = TrainConfig(
+        patch_size=32, batch_size=2, max_steps=12, min_steps=4, check_every=3, patience=2, learning_rate=1e-2
+    )
+    summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
+    assert summary["best_step"] in (3, 6, 9, 12) and summary["best_step"] <= summary["steps"]
+    # The network returned is the one with the best validation loss (recomputed the same way).
+    vx, vy = sample_patches([normalize_image(val_image)], [val_mask], 32, 8, np.random.default_rng(12345))
+    with torch.no_grad():
+        val_loss = float(segmentation_loss(net(torch.from_numpy(vx)), torch.from_numpy(vy)))
+    assert val_loss == pytest.approx(summary["best_val_loss"], rel=1e-5)
+
+
+def test_fine_tune_needs_images() -> None:
+    with pytest.raises(ValueError, match="no labelled images"):
+        fine_tune(build_unet(UNetConfig(base_channels=4, depth=2)), [], [])
+
+
+# -- scores -----------------------------------------------------------------------------------
+
+
+def test_confusion_counts_by_hand() -> None:
+    pred = np.array([[0, 1, 1], [2, 2, 0]])
+    truth = np.array([[0, 1, 2], [2, IGNORE, 1]])
+    counts = confusion_counts(pred, truth, 3)
+    # valid (pred, truth) pairs: (0,0) (1,1) (1,2) (2,2) (0,1)
+    np.testing.assert_array_equal(counts, [[1, 2, 1], [1, 2, 2], [1, 1, 2]])
+    scores = scores_from_counts(counts)
+    # class 1: 1 / (2 + 2 - 1); class 2: 1 / (1 + 2 - 1)
+    assert scores["iou"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert scores["dice"] == pytest.approx((2 / 4 + 2 / 3) / 2)
+
+
+def test_scores_skip_absent_classes() -> None:
+    # class 2 neither predicted nor present: not averaged in.
+    counts = np.array([[10, 12, 11], [3, 4, 5], [0, 0, 0]])
+    assert scores_from_counts(counts) == {"iou": pytest.approx(3 / 6), "dice": pytest.approx(6 / 9)}
+    assert scores_from_counts(np.array([[5, 5, 5], [0, 0, 0]])) == {"iou": 1.0, "dice": 1.0}
+    assert scores_from_counts(np.array([[0, 0, 5], [0, 5, 0]])) == {"iou": 0.0, "dice": 0.0}
+
+
+def test_evaluate_perfect_and_wrong() -> None:
+    image, mask = discs(3, 40)
+    net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2))
+    with torch.no_grad():  # a head that always says "foreground" / "background"
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([0.0, 5.0]))
+    everything = evaluate(net, [image], [mask])
+    assert everything["iou"] == pytest.approx(mask.sum() / mask.size)
+    with torch.no_grad():
+        net.head.bias.copy_(torch.tensor([5.0, 0.0]))
+    assert evaluate(net, [image], [mask])["iou"] == 0.0
+    assert evaluate(net, [image], [np.zeros_like(mask)])["iou"] == 1.0
+
+
+# -- hold-out split ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [4, 5, 10, 37, 200])
+def test_holdout_split(n: int) -> None:
+    ids = [1000 + 7 * i for i in range(n)]
+    train, held = holdout_split(ids, 0.15)
+    assert holdout_split(ids, 0.15) == (train, held)  # deterministic
+    assert not set(train) & set(held)
+    assert sorted(train + held) == list(range(n))  # positions, covering every task
+    assert 1 <= len(held) < n
+    if n >= 37:
+        assert abs(len(held) - 0.15 * n) < 4 * (0.15 * 0.85 * n) ** 0.5  # about the fraction asked
+    # Depends on the task ids, not on their order in the list.
+    shuffled = ids[::-1]
+    _, held_rev = holdout_split(shuffled, 0.15)
+    assert sorted(shuffled[i] for i in held_rev) == sorted(ids[i] for i in held)
+
+
+def test_holdout_split_is_stable_as_the_project_grows() -> None:
+    """A task trained on never becomes held out later (the 'before' score stays honest)."""
+    ids = [1000 + 7 * i for i in range(300)]
+    trained_before: set[int] = set()
+    for n in range(20, 301, 20):
+        train, held = holdout_split(ids[:n], 0.15)
+        held_ids = {ids[i] for i in held}
+        assert not held_ids & trained_before
+        trained_before |= {ids[i] for i in train}
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_holdout_split_too_few_tasks(n: int) -> None:
+    assert holdout_split(list(range(n)), 0.5) == (list(range(n)), [])
+
+
+def test_holdout_split_disabled() -> None:
+    assert holdout_split(list(range(10)), 0.0) == (list(range(10)), [])
+
+
+# -- annotations ------------------------------------------------------------------------------
+
+
+def region(mask: np.ndarray, label: str, **extra: object) -> dict:
+    h, w = mask.shape
+    return {
+        "from_name": "brush",
+        "to_name": "em",
+        "type": "brushlabels",
+        "original_width": w,
+        "original_height": h,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        **extra,
+    }
+
+
+def test_choose_annotation() -> None:
+    old_gt = {"id": 1, "ground_truth": True, "updated_at": "2024-01-01T00:00:00Z", "result": []}
+    newer = {"id": 2, "updated_at": "2024-03-01T00:00:00Z", "result": []}
+    newest = {"id": 3, "updated_at": "2024-05-01T00:00:00Z", "result": []}
+    cancelled = {"id": 4, "updated_at": "2024-09-01T00:00:00Z", "result": [], "was_cancelled": True}
+    assert choose_annotation({"annotations": [newer, old_gt, newest]}) is old_gt
+    assert choose_annotation({"annotations": [newer, newest, cancelled]}) is newest
+    assert choose_annotation({"annotations": [newest, newer]}) is newest
+    cancelled_gt = {**old_gt, "was_cancelled": True}
+    assert choose_annotation({"annotations": [cancelled_gt, newer]}) is newer
+    assert choose_annotation({"annotations": [cancelled]}) is None
+    assert choose_annotation({"annotations": []}) is None
+    assert choose_annotation({}) is None
+    assert choose_annotation({"annotations": None}) is None
+    assert choose_annotation({"annotations": ["junk", {"id": 5, "result": None}]}) is None
+
+
+def test_label_map_from_brush_regions() -> None:
+    shape = (24, 32)
+    a = np.zeros(shape, np.uint8)
+    a[2:12, 2:20] = 255
+    b = np.zeros(shape, np.uint8)
+    b[8:20, 10:30] = 255
+    annotation = {
+        "result": [
+            region(a, "Membrane"),
+            region(b, "Mito"),  # later region wins where they overlap
+            {"type": "rectanglelabels", "from_name": "box", "value": {"rectanglelabels": ["x"]}},
+            {**region(np.ones(shape, np.uint8), "Membrane"), "from_name": "other_brush"},
+        ]
+    }
+    labels = label_map(annotation, TARGET, shape)
+    assert labels.dtype == np.uint8 and labels.shape == shape
+    expected = np.zeros(shape, np.uint8)
+    expected[a > 0] = 1
+    expected[b > 0] = 2
+    np.testing.assert_array_equal(labels, expected)
+    # Reversed order: Membrane wins the overlap.
+    flipped = label_map({"result": annotation["result"][1::-1]}, TARGET, shape)
+    assert flipped[10, 15] == 1 and labels[10, 15] == 2
+
+
+def test_label_map_empty_annotation_is_background() -> None:
+    assert not label_map({"result": []}, TARGET, (5, 6)).any()
+
+
+def test_label_map_errors() -> None:
+    mask = np.ones((10, 12), np.uint8)
+    with pytest.raises(AnnotationError, match="not one of"):
+        label_map({"result": [region(mask, "Synapse")]}, TARGET, (10, 12))
+    unlabelled = {**region(mask, "Mito"), "value": {"rle": [0], "brushlabels": []}}
+    with pytest.raises(AnnotationError, match="not one of"):
+        label_map({"result": [unlabelled]}, TARGET, (10, 12))
+    with pytest.raises(AnnotationError, match="12x10 but the image is 12x11"):
+        label_map({"result": [region(mask, "Mito")]}, TARGET, (11, 12))
+    not_rle = region(mask, "Mito")
+    not_rle["value"] = {"format": "png", "brushlabels": ["Mito"]}
+    with pytest.raises(AnnotationError, match="not RLE"):
+        label_map({"result": [not_rle]}, TARGET, (10, 12))
+
+
+def test_mask_cache_decodes_once_per_version() -> None:
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 255
+    annotation = {"id": 7, "updated_at": "2024-01-01T00:00:00Z", "result": [region(mask, "Mito")]}
+    cache = MaskCache()
+    first = cache.get(annotation, TARGET, (16, 16))
+    assert cache.decoded == 1
+    assert first[5, 5] == 2
+    assert cache.get(dict(annotation), TARGET, (16, 16)) is first
+    assert cache.decoded == 1
+    edited = {**annotation, "updated_at": "2024-01-02T00:00:00Z", "result": [region(mask, "Membrane")]}
+    second = cache.get(edited, TARGET, (16, 16))
+    assert cache.decoded == 2
+    assert second[5, 5] == 1
+    other_id = {**annotation, "id": 8}
+    cache.get(other_id, TARGET, (16, 16))
+    assert cache.decoded == 3
+
+
+def test_mask_cache_is_bounded() -> None:
+    cache = MaskCache(max_bytes=600)  # room for two 16x16 maps
+    annotations = [{"id": i, "updated_at": "t", "result": []} for i in range(3)]
+    for a in annotations:
+        cache.get(a, TARGET, (16, 16))
+    assert cache.decoded == 3
+    cache.get(annotations[2], TARGET, (16, 16))
+    assert cache.decoded == 3
+    cache.get(annotations[0], TARGET, (16, 16))  # evicted: decoded again
+    assert cache.decoded == 4

@@ -1,0 +1,190 @@
+"""Issue 3 end to end: Label Studio's own webhooks → backend → Redis/RQ → a real worker
+process → a new checkpoint version → new predictions. Real everything, no mocks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from ml_backend.label_config import parse_brush_target
+from ml_backend.predictions import brush_results
+
+from .helpers import BRUSH_CONFIG, publish, train_small_net, write_images
+
+pytestmark = pytest.mark.integration
+TARGET = parse_brush_target(BRUSH_CONFIG)
+
+
+def wait_for(what: str, check: Callable[[], object], timeout: float = 300, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def manifest(model_dir: Path, project: int) -> list[dict]:
+    path = model_dir / f"project-{project}" / TARGET.signature / "manifest.json"
+    return json.loads(path.read_text())["versions"] if path.exists() else []
+
+
+class Loop:
+    """A project wired to a backend and workers, as a lab would run it."""
+
+    def __init__(self, label_studio, backend_factory, worker_factory, tmp_path, net, *, n_images=12, **env):
+        self.ls = label_studio
+        self.client = label_studio.client()
+        self.project = self.client.projects.create(
+            title=f"loop {uuid.uuid4().hex[:6]}", label_config=BRUSH_CONFIG
+        )
+        self.images = write_images(tmp_path / "images", [(192, 192)] * n_images, seed=40)
+        self.task_ids = label_studio.upload_files(self.project.id, [p for p, _ in self.images])
+        self.model_dir = tmp_path / "models"
+        publish(net, self.model_dir, self.project.id)  # v1: the starting point fine-tuning continues from
+        self.env = {
+            "RQ_QUEUE": f"emloop-test-{uuid.uuid4().hex[:8]}",
+            "TRAIN_DEBOUNCE_SECONDS": "2",
+            "TRAIN_LOCK_TTL": "4",
+            "TRAIN_MAX_STEPS": "12",
+            "TRAIN_PATCH_SIZE": "128",
+            "TRAIN_BATCH_SIZE": "2",
+            **env,
+        }
+        self.worker_factory = worker_factory
+        self.backend = backend_factory(self.env, label_studio=label_studio, model_dir=self.model_dir)
+        self.ml = self.client.ml.create(
+            project=self.project.id, url=self.backend.url, title="emloop", is_interactive=False
+        )
+
+    def worker(self):
+        return self.worker_factory(self.env, label_studio=self.ls, model_dir=self.model_dir)
+
+    def annotate(self, index: int) -> None:
+        _, mask = self.images[index]
+        result = brush_results(mask.astype(np.uint8), TARGET)
+        self.client.annotations.create(id=self.task_ids[index], result=result, was_cancelled=False)
+
+    def status(self) -> dict:
+        return requests.get(f"{self.backend.url}/status/{self.project.id}", timeout=5).json()
+
+    def versions(self) -> list[dict]:
+        return manifest(self.model_dir, self.project.id)
+
+    def wait_versions(self, n: int, timeout: float = 400) -> list[dict]:
+        return wait_for(
+            f"{n} checkpoint versions", lambda: len(self.versions()) >= n and self.versions(), timeout
+        )
+
+    def served_version(self) -> str:
+        path, _ = self.images[0]
+        body = {
+            "project": f"{self.project.id}.0",
+            "label_config": BRUSH_CONFIG,
+            "tasks": [{"id": 1, "data": {"img": str(path)}}],
+        }
+        return requests.post(f"{self.backend.url}/predict", json=body, timeout=100).json()["results"][0][
+            "model_version"
+        ]
+
+
+@pytest.fixture(scope="module")
+def start_net():
+    return train_small_net(steps=15)
+
+
+def test_burst_trains_once_and_predictions_follow(
+    label_studio, backend_factory, worker_factory, tmp_path, start_net
+):
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net)
+    loop.worker()
+    started = time.monotonic()
+    for i in range(10):
+        loop.annotate(i)
+    assert time.monotonic() - started < 5, "submitting 10 annotations took too long for a burst"
+    versions = loop.wait_versions(2)
+    time.sleep(3 * float(loop.env["TRAIN_DEBOUNCE_SECONDS"]))  # any late follow-up run would start by now
+    status = wait_for(
+        "training to settle", lambda: (s := loop.status())["state"] in ("succeeded", "skipped") and s
+    )
+    versions = loop.versions()
+    runs = len(versions) - 1  # v1 was published by the test
+    assert 1 <= runs <= 2, f"a burst of 10 annotations led to {runs} training runs"
+
+    trained = versions[1]
+    assert trained["parent"] == versions[0]["name"], "training must continue from the current checkpoint"
+    metrics = trained["metrics"]
+    assert metrics["n_train"] + metrics["n_holdout"] == 10 and metrics["n_holdout"] >= 1
+    assert 0.0 <= metrics["holdout_after"]["iou"] <= 1.0 and 0.0 <= metrics["holdout_before"]["iou"] <= 1.0
+    reported = status["last_result"]["metrics"]
+    assert reported["holdout_after"] == loop.versions()[-1]["metrics"]["holdout_after"]
+
+    # Label Studio asks again; predictions carry the new version.
+    label_studio.retrieve_predictions(loop.project.id)
+    newest = loop.versions()[-1]["name"]
+    assert loop.served_version() == newest
+    for task_id in loop.task_ids[10:]:
+        versions_stored = {p.model_version for p in loop.client.predictions.list(task=task_id)}
+        assert newest in versions_stored
+
+
+def test_annotation_during_training_gets_a_follow_up_run(
+    label_studio, backend_factory, worker_factory, tmp_path, start_net
+):
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_MAX_STEPS="60")
+    loop.worker()
+    for i in range(5):
+        loop.annotate(i)
+    wait_for(
+        "the first run to start", lambda: loop.status().get("state") == "running", timeout=120, every=0.2
+    )
+    late_task = loop.task_ids[7]
+    loop.annotate(7)
+    versions = loop.wait_versions(3)
+    first, follow_up = versions[1]["metrics"], versions[2]["metrics"]
+    seen = lambda m: m["train_task_ids"] + m["holdout_task_ids"]  # noqa: E731
+    assert late_task not in seen(first)
+    assert late_task in seen(follow_up)
+    time.sleep(3 * float(loop.env["TRAIN_DEBOUNCE_SECONDS"]))
+    assert len(loop.versions()) == 3, "exactly one follow-up run"
+
+
+def test_killed_worker_leaves_serving_untouched(
+    label_studio, backend_factory, worker_factory, tmp_path, start_net
+):
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_MAX_STEPS="400")
+    before = loop.served_version()
+    worker = loop.worker()
+    for i in range(5):
+        loop.annotate(i)
+    wait_for(
+        "training progress",
+        lambda: (loop.status().get("progress") or {}).get("step", 0) >= 10,
+        timeout=180,
+        every=0.2,
+    )
+    worker.kill(signal.SIGKILL)
+    worker.wait(timeout=30)
+    assert len(loop.versions()) == 1
+    assert loop.served_version() == before
+    wait_for("the dead run to show", lambda: loop.status().get("state") == "interrupted", timeout=30)
+
+    # A new worker and Label Studio's "Start Training" button: the next job succeeds.
+    loop.env["TRAIN_MAX_STEPS"] = "12"
+    loop.worker()
+    requests.post(
+        f"{label_studio.url}/api/ml/{loop.ml.id}/train", headers=label_studio.auth_headers, timeout=30
+    ).raise_for_status()
+    versions = loop.wait_versions(2, timeout=600)
+    assert versions[1]["metrics"]["n_train"] + versions[1]["metrics"]["n_holdout"] == 5
+    assert loop.served_version() == versions[1]["name"]
+    assert loop.status()["state"] == "succeeded"

@@ -1,0 +1,253 @@
+"""Training coordination in a real Redis: debounce, one queued job per burst, force, lock, status.
+
+Uses database 15 of the Redis at 127.0.0.1:6379 (skipped if it does not answer), a random
+project id and a private RQ queue name, and deletes exactly those keys afterwards.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+
+from ml_backend.config import Settings
+from ml_backend.training_queue import ProjectTraining, all_statuses, connect
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Redis]:
+    conn = connect(REDIS_URL, timeout=2.0)
+    try:
+        conn.ping()
+    except RedisError as exc:
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def settings(redis: Redis) -> Iterator[Settings]:
+    name = f"emloop-test-{uuid.uuid4().hex[:12]}"  # no real worker listens on this queue
+    yield Settings(redis_url=REDIS_URL, queue_name=name, train_debounce=0.3, train_job_timeout=60)
+    Queue(name, connection=redis).delete(delete_jobs=True)
+
+
+@pytest.fixture
+def state(redis: Redis) -> Iterator[ProjectTraining]:
+    project = f"test-{uuid.uuid4().hex[:12]}"
+    yield ProjectTraining(redis, project)
+    keys = list(redis.scan_iter(match=f"emloop:train:{project}:*"))
+    if keys:
+        redis.delete(*keys)
+
+
+def queued_jobs(settings: Settings, redis: Redis) -> list:
+    return Queue(settings.queue_name, connection=redis).get_jobs()
+
+
+def redis_get(state: ProjectTraining, name: str) -> bytes | None:
+    return state.redis.get(state.key(name))
+
+
+def run_in_thread(target, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+
+    def body() -> None:
+        try:
+            out["value"] = target(*args, **kwargs)
+        finally:
+            out["returned_at"] = time.time()
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+# -- webhook side ------------------------------------------------------------------------------
+
+
+def test_burst_enqueues_one_job(state: ProjectTraining, settings: Settings, redis: Redis) -> None:
+    answers = [state.record_event("ANNOTATION_CREATED", settings) for _ in range(5)]
+    assert [a["queued"] for a in answers] == [True, False, False, False, False]
+    assert [a["generation"] for a in answers] == [1, 2, 3, 4, 5]
+    [job] = queued_jobs(settings, redis)
+    assert job.func_name == "ml_backend.train_job.run_training"
+    assert job.args == (state.project,)
+    assert job.timeout == settings.train_job_timeout
+    status = state.status()
+    assert status["project"] == state.project
+    assert status["state"] == "queued" and status["job_id"] == job.id
+    assert status["generation"] == 5 and status["last_event"] == "ANNOTATION_CREATED"
+    # `scheduled` expires, so a job lost before its snapshot cannot block training forever.
+    assert 0 < redis.ttl(state.key("scheduled")) <= int(settings.train_debounce + settings.train_job_timeout)
+
+
+def test_snapshot_clears_scheduled_so_one_follow_up_is_queued(
+    state: ProjectTraining, settings: Settings, redis: Redis
+) -> None:
+    for _ in range(3):
+        state.record_event("ANNOTATION_UPDATED", settings)
+    assert len(queued_jobs(settings, redis)) == 1
+    # The job takes its snapshot: it will train on generations up to 3.
+    assert state.take_snapshot() == (3, 0, False)
+    # Events during the run: exactly one follow-up job.
+    answers = [state.record_event("ANNOTATION_CREATED", settings)["queued"] for _ in range(4)]
+    assert answers == [True, False, False, False]
+    assert len(queued_jobs(settings, redis)) == 2
+    state.mark_trained(3)
+    # The follow-up sees what is new since the last run.
+    assert state.take_snapshot() == (7, 3, False)
+    state.mark_trained(7)
+    # Nothing new: a later job would find generation == trained and skip.
+    assert state.take_snapshot() == (7, 7, False)
+
+
+def test_start_training_forces_once(state: ProjectTraining, settings: Settings) -> None:
+    state.record_event("ANNOTATION_CREATED", settings)
+    state.mark_trained(1)
+    assert redis_get(state, "force") is None
+    state.record_event("START_TRAINING", settings)
+    assert redis_get(state, "force") == b"1"
+    generation, trained, forced = state.take_snapshot()
+    assert (generation, trained, forced) == (2, 1, True)
+    assert state.take_snapshot()[2] is False  # the force flag is consumed
+
+
+# -- job side: quiet period ----------------------------------------------------------------------
+
+
+def test_forced_wait_returns_at_once(state: ProjectTraining, settings: Settings) -> None:
+    state.record_event("ANNOTATION_CREATED", settings)
+    state.record_event("START_TRAINING", settings)
+    thread, _ = run_in_thread(state.wait_quiet, 3600.0, poll=0.05)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_wait_quiet_waits_for_the_quiet_period(state: ProjectTraining, settings: Settings) -> None:
+    state.record_event("ANNOTATION_CREATED", settings)
+    last = float(redis_get(state, "last_event"))
+    thread, out = run_in_thread(state.wait_quiet, 0.3, poll=0.02)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert out["returned_at"] >= last + 0.3
+
+
+def test_new_event_extends_the_wait(state: ProjectTraining, settings: Settings) -> None:
+    quiet = 0.5
+    state.record_event("ANNOTATION_CREATED", settings)
+    first = float(redis_get(state, "last_event"))
+    thread, out = run_in_thread(state.wait_quiet, quiet, poll=0.02)
+    time.sleep(0.1)
+    state.record_event("ANNOTATION_UPDATED", settings)
+    second = float(redis_get(state, "last_event"))
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert out["returned_at"] >= first + quiet
+    if second < first + quiet:  # the second event arrived during the wait (always, unless stalled)
+        assert out["returned_at"] >= second + quiet
+
+
+def test_wait_quiet_without_events_returns(state: ProjectTraining) -> None:
+    thread, _ = run_in_thread(state.wait_quiet, 0.3, poll=0.02)
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+# -- job side: lock ------------------------------------------------------------------------------
+
+
+def test_lock_is_exclusive(state: ProjectTraining) -> None:
+    log: list[str] = []
+    a_holds, a_release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with state.lock("job-a", ttl=10, poll=0.02):
+            log.append("a in")
+            a_holds.set()
+            a_release.wait(10)
+            log.append("a out")
+
+    def waiter() -> None:
+        with state.lock("job-b", ttl=10, poll=0.02):
+            log.append("b in")
+            assert redis_get(state, "lock") == b"job-b"
+        log.append("b out")
+
+    a = threading.Thread(target=holder, daemon=True)
+    a.start()
+    assert a_holds.wait(10)
+    assert redis_get(state, "lock") == b"job-a"
+    b = threading.Thread(target=waiter, daemon=True)
+    b.start()
+    time.sleep(0.3)  # b polls all this time
+    assert log == ["a in"]
+    assert b.is_alive()
+    a_release.set()
+    a.join(10)
+    b.join(10)
+    assert not a.is_alive() and not b.is_alive()
+    assert log == ["a in", "a out", "b in", "b out"]
+    assert redis_get(state, "lock") is None
+
+
+def test_lock_expires_when_holder_vanishes(state: ProjectTraining) -> None:
+    # A worker killed while holding the lock: nobody renews or deletes it.
+    assert state.redis.set(state.key("lock"), "dead-job", nx=True, ex=1)
+    acquired = threading.Event()
+
+    def waiter() -> None:
+        with state.lock("job-b", ttl=10, poll=0.05):
+            acquired.set()
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    assert acquired.wait(10)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert redis_get(state, "lock") is None
+
+
+def test_lock_heartbeat_keeps_a_long_job_locked(state: ProjectTraining) -> None:
+    with state.lock("long-job", ttl=2, poll=0.05):
+        time.sleep(2.6)  # longer than the TTL: only the heartbeat keeps the key
+        assert redis_get(state, "lock") == b"long-job"
+    assert redis_get(state, "lock") is None
+
+
+def test_lock_release_leaves_a_successors_lock(state: ProjectTraining) -> None:
+    with state.lock("job-a", ttl=10, poll=0.05):
+        # job-a's lock was lost (expired) and another job took it.
+        state.redis.set(state.key("lock"), "job-b", ex=10)
+    assert redis_get(state, "lock") == b"job-b"
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def test_status_round_trip_and_interrupted(state: ProjectTraining) -> None:
+    state.set_status(state="running", job_id="j1", progress={"step": 10, "max_steps": 400}, generation=3)
+    status = state.status()
+    assert status["state"] == "interrupted"  # running, but no lock: the worker died
+    assert status["job_id"] == "j1" and status["generation"] == 3
+    assert status["progress"] == {"step": 10, "max_steps": 400}
+    assert isinstance(status["updated_at"], float)
+    with state.lock("j1", ttl=10, poll=0.05):
+        assert state.status()["state"] == "running"
+    state.set_status(state="succeeded")
+    assert state.status()["state"] == "succeeded"
+    assert any(s["project"] == state.project for s in all_statuses(state.redis))
+
+
+def test_unreachable_redis_fails_fast() -> None:
+    conn = connect("redis://127.0.0.1:1/0")
+    with pytest.raises(RedisError):
+        ProjectTraining(conn, "1").status()
