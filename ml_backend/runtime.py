@@ -30,7 +30,7 @@ class Runtime:
         return connect(self.settings.redis_url)
 
     def training(self, project: str) -> ProjectTraining:
-        return ProjectTraining(self.redis, project)
+        return ProjectTraining(self.redis, project, self.settings.queue_name)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:

@@ -178,7 +178,7 @@ def create_app(
     @app.get("/status")
     def training_status() -> Response:
         """Training state of every project: queued / waiting / running (progress) / result / error."""
-        return jsonify(projects=all_statuses(runtime.redis))
+        return jsonify(projects=all_statuses(runtime.redis, settings.queue_name))
 
     @app.get("/status/<project>")
     def project_status(project: str) -> Response:

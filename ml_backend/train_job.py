@@ -146,11 +146,11 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
     return {"version": version.name, "parent": parent.name, "metrics": metrics}
 
 
-def run_training(project: str) -> dict:
+def run_training(project: str, queue: str) -> dict:
     """RQ entry point: wait for the quiet period, take the project's lock, train once."""
     settings = Settings.from_env()
     job = get_current_job()
-    state = ProjectTraining(job.connection, project)
+    state = ProjectTraining(job.connection, project, queue)
     state.set_status(state="waiting", job_id=job.id, progress=None)
     state.wait_quiet(settings.train_debounce)
     with state.lock(job.id, settings.train_lock_ttl):

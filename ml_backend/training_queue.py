@@ -1,10 +1,11 @@
 """Coordination of training runs in Redis: debounce, one run per project, status.
 
-Keys per project (prefix ``emloop:train:<project>:``):
+Keys per project (prefix ``emloop:<queue>:train:<project>:``; the queue name, RQ_QUEUE,
+tells apart Label Studio instances that share one Redis, as their project ids overlap):
 - ``generation``: incremented by every training event;
 - ``last_event``: time of the newest event (the quiet period counts from it);
-- ``scheduled``: set while a job is queued and has not yet taken its snapshot,
-  so a burst of events enqueues one job;
+- ``scheduled``: the id of the job queued that has not yet taken its snapshot, so a
+  burst of events enqueues one job (if that job was lost, the next event replaces it);
 - ``force``: START_TRAINING was pressed, skip the quiet period;
 - ``lock``: held (with a TTL renewed by a heartbeat) by the one running job;
 - ``trained_generation``: the generation the last run's snapshot included;
@@ -20,12 +21,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
 
 from .config import Settings
 
@@ -53,10 +57,11 @@ def connect(url: str, timeout: float | None = 0.5) -> Redis:
 class ProjectTraining:
     """The Redis state of one project's training."""
 
-    def __init__(self, redis: Redis, project: str) -> None:
+    def __init__(self, redis: Redis, project: str, queue: str) -> None:
         self.redis = redis
         self.project = project
-        self.prefix = f"emloop:train:{project}:"
+        self.queue = queue
+        self.prefix = f"emloop:{queue}:train:{project}:"
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -92,22 +97,37 @@ class ProjectTraining:
         if action in FORCE_EVENTS:
             pipe.set(self.key("force"), 1)
         generation = pipe.execute()[0]
-        # Expires so a job lost before its snapshot (worker killed) cannot block training forever.
+        # Expires so that a lost job cannot block training for long, even unnoticed.
         ttl = int(settings.train_debounce + settings.train_job_timeout)
-        enqueue = self.redis.set(self.key("scheduled"), 1, nx=True, ex=ttl)
+        job_id = uuid.uuid4().hex
+        enqueue = bool(self.redis.set(self.key("scheduled"), job_id, nx=True, ex=ttl))
+        if not enqueue and not self._pending(self.redis.get(self.key("scheduled"))):
+            enqueue = bool(self.redis.set(self.key("scheduled"), job_id, ex=ttl))
         state = {"last_event": action, "last_event_at": now, "generation": generation}
         if enqueue:
-            job = Queue(settings.queue_name, connection=self.redis).enqueue(
+            Queue(self.queue, connection=self.redis).enqueue(
                 run_training,
                 self.project,
+                self.queue,
+                job_id=job_id,
                 job_timeout=settings.train_job_timeout,
                 result_ttl=7 * 86400,
                 failure_ttl=7 * 86400,
                 description=f"train project {self.project}",
             )
-            state.update(state="queued", job_id=job.id)
+            state.update(state="queued", job_id=job_id)
         self.set_status(**state)
         return {"queued": bool(enqueue), "generation": generation}
+
+    def _pending(self, job_id: bytes | None) -> bool:
+        """Whether the scheduled job still exists and has not finished (it may have been lost)."""
+        if not job_id:
+            return False
+        try:
+            status = Job.fetch(job_id.decode(), connection=self.redis).get_status()
+        except NoSuchJobError:
+            return False
+        return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 
     # -- job side -------------------------------------------------------------------------
     def wait_quiet(self, quiet: float, poll: float = 0.2) -> None:
@@ -160,8 +180,7 @@ class ProjectTraining:
         self.redis.set(self.key("trained_generation"), generation)
 
 
-def all_statuses(redis: Redis) -> list[dict]:
-    projects = sorted(
-        {key.decode().split(":")[2] for key in redis.scan_iter(match="emloop:train:*:status", count=500)}
-    )
-    return [ProjectTraining(redis, p).status() for p in projects]
+def all_statuses(redis: Redis, queue: str) -> list[dict]:
+    pattern = f"emloop:{queue}:train:*:status"
+    projects = sorted({key.decode().split(":")[-2] for key in redis.scan_iter(match=pattern, count=500)})
+    return [ProjectTraining(redis, p, queue).status() for p in projects]

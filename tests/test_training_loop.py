@@ -145,7 +145,10 @@ def test_annotation_during_training_gets_a_follow_up_run(
     for i in range(5):
         loop.annotate(i)
     wait_for(
-        "the first run to start", lambda: loop.status().get("state") == "running", timeout=120, every=0.2
+        "the first run to be training",
+        lambda: (loop.status().get("progress") or {}).get("step", 0) >= 1,
+        timeout=180,
+        every=0.2,
     )
     late_task = loop.task_ids[7]
     loop.annotate(7)

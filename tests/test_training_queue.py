@@ -41,10 +41,10 @@ def settings(redis: Redis) -> Iterator[Settings]:
 
 
 @pytest.fixture
-def state(redis: Redis) -> Iterator[ProjectTraining]:
+def state(redis: Redis, settings: Settings) -> Iterator[ProjectTraining]:
     project = f"test-{uuid.uuid4().hex[:12]}"
-    yield ProjectTraining(redis, project)
-    keys = list(redis.scan_iter(match=f"emloop:train:{project}:*"))
+    yield ProjectTraining(redis, project, settings.queue_name)
+    keys = list(redis.scan_iter(match=f"emloop:{settings.queue_name}:train:{project}:*"))
     if keys:
         redis.delete(*keys)
 
@@ -80,7 +80,7 @@ def test_burst_enqueues_one_job(state: ProjectTraining, settings: Settings, redi
     assert [a["generation"] for a in answers] == [1, 2, 3, 4, 5]
     [job] = queued_jobs(settings, redis)
     assert job.func_name == "ml_backend.train_job.run_training"
-    assert job.args == (state.project,)
+    assert job.args == (state.project, settings.queue_name)
     assert job.timeout == settings.train_job_timeout
     status = state.status()
     assert status["project"] == state.project
@@ -88,6 +88,34 @@ def test_burst_enqueues_one_job(state: ProjectTraining, settings: Settings, redi
     assert status["generation"] == 5 and status["last_event"] == "ANNOTATION_CREATED"
     # `scheduled` expires, so a job lost before its snapshot cannot block training forever.
     assert 0 < redis.ttl(state.key("scheduled")) <= int(settings.train_debounce + settings.train_job_timeout)
+
+
+def test_a_lost_job_is_replaced_by_the_next_event(
+    state: ProjectTraining, settings: Settings, redis: Redis
+) -> None:
+    assert state.record_event("ANNOTATION_CREATED", settings)["queued"]
+    [job] = queued_jobs(settings, redis)
+    job.delete()  # e.g. the queue was flushed, or the job expired unseen
+    assert state.record_event("ANNOTATION_CREATED", settings)["queued"]
+    assert state.record_event("ANNOTATION_CREATED", settings)["queued"] is False
+    [replacement] = queued_jobs(settings, redis)
+    assert replacement.id != job.id and redis_get(state, "scheduled") == replacement.id.encode()
+
+
+def test_projects_of_two_label_studios_do_not_mix(redis: Redis, settings: Settings) -> None:
+    """Project ids restart at 1 on every Label Studio: the queue name keeps their state apart."""
+    a = ProjectTraining(redis, "1", settings.queue_name)
+    b = ProjectTraining(redis, "1", settings.queue_name + "-other")
+    try:
+        assert a.record_event("ANNOTATION_CREATED", settings)["queued"]
+        other = Settings(redis_url=settings.redis_url, queue_name=b.queue, train_job_timeout=60)
+        assert b.record_event("ANNOTATION_CREATED", other)["queued"]
+    finally:
+        Queue(b.queue, connection=redis).delete(delete_jobs=True)
+        for s in (a, b):
+            keys = list(redis.scan_iter(match=s.prefix + "*"))
+            if keys:
+                redis.delete(*keys)
 
 
 def test_snapshot_clears_scheduled_so_one_follow_up_is_queued(
@@ -244,10 +272,10 @@ def test_status_round_trip_and_interrupted(state: ProjectTraining) -> None:
         assert state.status()["state"] == "running"
     state.set_status(state="succeeded")
     assert state.status()["state"] == "succeeded"
-    assert any(s["project"] == state.project for s in all_statuses(state.redis))
+    assert any(s["project"] == state.project for s in all_statuses(state.redis, state.queue))
 
 
 def test_unreachable_redis_fails_fast() -> None:
     conn = connect("redis://127.0.0.1:1/0")
     with pytest.raises(RedisError):
-        ProjectTraining(conn, "1").status()
+        ProjectTraining(conn, "1", "emloop").status()
