@@ -7,6 +7,7 @@ Memory for the network is bounded by the tile size; the output is C x H x W floa
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,7 @@ def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
 class ImagePrediction:
     probs: np.ndarray  # (C, H, W) float32 softmax probabilities
     embedding: np.ndarray | None = None  # (D,) bottleneck features, area-weighted over tiles
+    forward_seconds: float = 0.0  # time inside the network, for the latency breakdown in /metrics
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -97,7 +99,7 @@ def predict_image(
     acc = np.zeros((n_classes, height, width), np.float32)
     weight_sum = np.zeros((height, width), np.float32)
     window = blend_window(th, tw, overlap)
-    embedding_sum, area_sum = None, 0
+    embedding_sum, area_sum, forward_seconds = None, 0, 0.0
     net.set_mc_dropout(mc_dropout)
     try:
         for y in tile_starts(height, th, overlap):
@@ -105,6 +107,7 @@ def predict_image(
                 crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
                 batch, h, w = _pad_to_multiple(crop[None, None].to(device), net.config.size_multiple)
                 batch = batch.contiguous(memory_format=torch.channels_last)
+                started = time.perf_counter()
                 if with_embedding:
                     logits, emb = net(batch, return_embedding=True)
                     emb = emb[0].float().cpu().numpy()
@@ -112,6 +115,9 @@ def predict_image(
                     area_sum += h * w
                 else:
                     logits = net(batch)
+                if logits.is_cuda:
+                    torch.cuda.synchronize()
+                forward_seconds += time.perf_counter() - started
                 probs = torch.softmax(logits[0, :, :h, :w].float(), dim=0).cpu().numpy()
                 acc[:, y : y + h, x : x + w] += probs * window
                 weight_sum[y : y + h, x : x + w] += window
@@ -121,4 +127,4 @@ def predict_image(
     embedding = None
     if embedding_sum is not None:
         embedding = (embedding_sum / float(area_sum)).astype(np.float32)
-    return ImagePrediction(probs=acc, embedding=embedding)
+    return ImagePrediction(probs=acc, embedding=embedding, forward_seconds=forward_seconds)

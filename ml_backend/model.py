@@ -46,6 +46,11 @@ class EMSegmentationModel(MLBackendBase):
                 output = predict_image(
                     model.net, image, tile=settings.tile_size, overlap=settings.tile_overlap
                 )
+            self.runtime.metrics.inc(
+                "emloop_forward_seconds_total",
+                output.forward_seconds,
+                help="time inside the network's forward pass",
+            )
             predictions.append(build_prediction(output.probs, self.target, model.version.name))
         return predictions
 
