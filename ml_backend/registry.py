@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoints import CheckpointStore, Version
-from .network import UNet, default_device
+from .network import UNet, default_device, fuse_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ModelRegistry:
             if cached and cached[1].version.name == version.name:
                 loaded = cached[1]
             else:
-                net = net.to(self.device).to(memory_format=torch.channels_last)
+                net = fuse_for_inference(net).to(self.device).to(memory_format=torch.channels_last)
                 loaded = LoadedModel(version, net, self.device)
                 log.info("serving %s from %s on %s", version.name, store.root, self.device)
             self._loaded[key] = (stamp, loaded)

@@ -240,3 +240,21 @@ def test_rgb_input() -> None:
 def test_normalize_rejects_other_shapes(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="2-D"):
         normalize_image(np.zeros(shape))
+
+
+def test_fused_network_computes_the_same_function() -> None:
+    from torch import nn
+
+    from ml_backend.network import fuse_for_inference
+
+    net = build_unet(UNetConfig(base_channels=4, depth=2), seed=3)
+    for module in net.modules():  # non-trivial statistics, as after training
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    fused = fuse_for_inference(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules()), "the original is untouched"
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net.eval()(x), atol=1e-5, rtol=1e-4)
