@@ -7,6 +7,7 @@ fail under CI (``CI=true``) so that a broken setup can never pass as "all skippe
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -79,8 +80,12 @@ BackendFactory = Callable[..., BackendServer]
 WorkerFactory = Callable[..., WorkerProcess]
 
 
+# Tests never share a queue with a demo or another session's workers on the same Redis.
+SESSION_QUEUE = f"emloop-test-{uuid.uuid4().hex[:8]}"
+
+
 def _stack_env(model_dir: Path, redis_url: str, label_studio: LabelStudioServer | None) -> dict[str, str]:
-    env = {"MODEL_DIR": str(model_dir), "REDIS_URL": redis_url}
+    env = {"MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, "RQ_QUEUE": SESSION_QUEUE}
     if label_studio is not None:
         env |= {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
     return env
