@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from functools import cache
 from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
@@ -21,6 +22,8 @@ import requests
 from PIL import Image
 
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
+
+from .config import Settings
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -98,6 +101,17 @@ class ImageFetcher:
         self._cached_bytes = 0
         self._lock = threading.Lock()
         self._session = requests.Session()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageFetcher:
+        return cls(
+            settings.label_studio_url,
+            settings.label_studio_api_key,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            cache_bytes=settings.image_cache_mb * 2**20,
+            timeout=settings.image_timeout,
+        )
 
     # -- public ------------------------------------------------------------------
     def fetch(self, url: str) -> np.ndarray:
@@ -194,3 +208,9 @@ class ImageFetcher:
             while self._cached_bytes > self.cache_bytes:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.nbytes
+
+
+@cache
+def shared_fetcher(settings: Settings) -> ImageFetcher:
+    """One fetcher (and image cache) per settings in a process: a worker's jobs share it."""
+    return ImageFetcher.from_settings(settings)

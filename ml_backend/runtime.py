@@ -37,12 +37,5 @@ class Runtime:
         return cls(
             settings=settings,
             registry=ModelRegistry(),
-            images=ImageFetcher(
-                settings.label_studio_url,
-                settings.label_studio_api_key,
-                max_bytes=settings.max_image_bytes,
-                max_pixels=settings.max_image_pixels,
-                cache_bytes=settings.image_cache_mb * 2**20,
-                timeout=settings.image_timeout,
-            ),
+            images=ImageFetcher.from_settings(settings),
         )

@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
 
 from .checkpoints import CheckpointStore, Version, atomic_write_bytes
 from .config import Settings
-from .images import ImageError, ImageFetcher
+from .images import ImageError, shared_fetcher
 from .inference import _pad_to_multiple, normalize_image, predict_image, tile_starts
 from .label_config import BrushTarget, parse_brush_target
 from .network import UNet, default_device
@@ -573,16 +572,6 @@ def rank_tasks(
 
 
 # -- the RQ job -------------------------------------------------------------------------------------------
-@cache
-def _fetcher(settings: Settings) -> ImageFetcher:
-    return ImageFetcher(
-        settings.label_studio_url,
-        settings.label_studio_api_key,
-        max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
-        cache_bytes=settings.image_cache_mb * 2**20,
-        timeout=settings.image_timeout,
-    )
 
 
 def scores_path(store: CheckpointStore, name: str) -> Path:
@@ -630,7 +619,7 @@ def rank_tasks_job(
         net,
         version,
         target,
-        _fetcher(settings).fetch,
+        shared_fetcher(settings).fetch,
         [tuple(ref) for ref in pool],
         [tuple(ref) for ref in labeled],
         strategy=strategy,

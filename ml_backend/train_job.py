@@ -10,7 +10,6 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import cache
 
 import numpy as np
 from rq import get_current_job
@@ -18,7 +17,7 @@ from rq import get_current_job
 from .annotations import AnnotationError, MaskCache, choose_annotation
 from .checkpoints import CheckpointStore
 from .config import Settings
-from .images import ImageError, ImageFetcher
+from .images import ImageError, shared_fetcher
 from .label_config import BrushTarget, parse_brush_target
 from .network import default_device
 from .training import TrainConfig, evaluate, fine_tune
@@ -36,24 +35,12 @@ class TrainingSet:
     skipped: dict[int, str] = field(default_factory=dict)  # task id → why it could not be used
 
 
-@cache
-def _images(settings: Settings) -> ImageFetcher:
-    return ImageFetcher(
-        settings.label_studio_url,
-        settings.label_studio_api_key,
-        max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
-        cache_bytes=settings.image_cache_mb * 2**20,
-        timeout=settings.image_timeout,
-    )
-
-
 _masks = MaskCache()
 
 
 def fetch_training_set(project: str, settings: Settings) -> TrainingSet:
     """Every annotated task of the project, decoded; tasks that fail are listed, not dropped silently."""
-    fetcher = _images(settings)
+    fetcher = shared_fetcher(settings)
     api = fetcher.label_studio
     config = api.client().projects.get(id=int(project)).label_config
     data = TrainingSet(parse_brush_target(config))

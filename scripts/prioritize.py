@@ -213,14 +213,7 @@ def rank_here(
     if not store.root.exists():
         say(f"no checkpoints for this project in MODEL_DIR={settings.model_dir}: using the untrained network")
     version, net = store.load_newest_intact()
-    fetcher = ImageFetcher(
-        settings.label_studio_url,
-        settings.label_studio_api_key,
-        max_bytes=settings.max_image_bytes,
-        max_pixels=settings.max_image_pixels,
-        cache_bytes=settings.image_cache_mb * 2**20,
-        timeout=settings.image_timeout,
-    )
+    fetcher = ImageFetcher.from_settings(settings)
     device = default_device()
     say(f"scoring {len(pool)} unlabeled tasks with {version.name} on {device}")
     ranking, _ = rank_tasks(
