@@ -95,15 +95,16 @@ def predict_image(
     pixels = normalize_image(image)
     height, width = pixels.shape
     th, tw = min(tile, height), min(tile, width)
-    n_classes = net.config.n_classes
-    acc = np.zeros((n_classes, height, width), np.float32)
-    weight_sum = np.zeros((height, width), np.float32)
-    window = blend_window(th, tw, overlap)
+    ys, xs = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
+    single = len(ys) == len(xs) == 1  # the common case: no blending needed
+    acc = None if single else np.zeros((net.config.n_classes, height, width), np.float32)
+    weight_sum = None if single else np.zeros((height, width), np.float32)
+    window = None if single else blend_window(th, tw, overlap)
     embedding_sum, area_sum, forward_seconds = None, 0, 0.0
     net.set_mc_dropout(mc_dropout)
     try:
-        for y in tile_starts(height, th, overlap):
-            for x in tile_starts(width, tw, overlap):
+        for y in ys:
+            for x in xs:
                 crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
                 batch, h, w = _pad_to_multiple(crop[None, None].to(device), net.config.size_multiple)
                 batch = batch.contiguous(memory_format=torch.channels_last)
@@ -119,11 +120,15 @@ def predict_image(
                     torch.cuda.synchronize()
                 forward_seconds += time.perf_counter() - started
                 probs = torch.softmax(logits[0, :, :h, :w].float(), dim=0).cpu().numpy()
-                acc[:, y : y + h, x : x + w] += probs * window
-                weight_sum[y : y + h, x : x + w] += window
+                if single:
+                    acc = probs
+                else:
+                    acc[:, y : y + h, x : x + w] += probs * window
+                    weight_sum[y : y + h, x : x + w] += window
     finally:
         net.set_mc_dropout(False)
-    acc /= weight_sum
+    if not single:
+        acc /= weight_sum
     embedding = None
     if embedding_sum is not None:
         embedding = (embedding_sum / float(area_sum)).astype(np.float32)

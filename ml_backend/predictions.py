@@ -30,18 +30,27 @@ def confidence_score(probs: np.ndarray) -> float:
 
 
 def label_map(probs: np.ndarray) -> np.ndarray:
-    """Most probable class per pixel (0 = background), as uint8/uint16."""
+    """Most probable class per pixel (0 = background; ties go to the lower class, as argmax).
+
+    A running maximum over class planes: several times faster than `argmax(axis=0)`,
+    which strides across planes for every pixel.
+    """
     dtype = np.uint8 if probs.shape[0] <= 256 else np.uint16
-    return probs.argmax(axis=0).astype(dtype)
+    labels = np.zeros(probs.shape[1:], dtype)
+    best = probs[0].copy()
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        labels[better] = c
+        np.maximum(best, probs[c], out=best)
+    return labels
 
 
 def brush_results(labels: np.ndarray, target: BrushTarget) -> list[dict]:
     """One `brushlabels` region per class present in the label map."""
     height, width = labels.shape
     results = []
-    for class_index in np.unique(labels):
-        if class_index == 0:
-            continue
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=target.n_classes))
+    for class_index in present[present > 0]:
         results.append(
             {
                 "id": secrets.token_hex(5),
