@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """`make demo`: Label Studio + the emloop ML backend on this machine, with images to label.
 
-Starts (or reuses) Redis, starts Label Studio and the ML backend (and an RQ worker when
-`ml_backend/worker.py` exists), creates the "emloop demo" project, imports synthetic EM
-sections (or slices of your own volume), connects the backend, retrieves predictions and
-then waits. Ctrl-C stops everything it started; a Redis that was already running is left
-alone. State lives in `.run/demo/`, so a second run reuses the database and the project.
+Starts (or reuses) Redis, starts Label Studio, the ML backend and an RQ worker, creates
+the "emloop demo" project, imports synthetic EM sections (or slices of your own volume),
+connects the backend, annotates a few synthetic sections with their ground truth as an
+expert would (Label Studio's webhooks make the worker train a first model version),
+retrieves predictions and then waits. Ctrl-C stops everything it started; a Redis that
+was already running is left alone. State lives in `.run/demo/`, so a second run reuses
+the database and the project.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import requests
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 
+from ml_backend.label_config import parse_brush_target  # noqa: E402
+from ml_backend.predictions import brush_results  # noqa: E402
 from sdk.local_stack import (  # noqa: E402
     BackendServer,
     LabelStudioServer,
@@ -96,6 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-predict", action="store_true", help="do not retrieve predictions")
     parser.add_argument(
+        "--teach",
+        type=int,
+        default=4,
+        help="synthetic images annotated with their ground truth, as an expert would, so the "
+        "worker trains a first version before predictions are retrieved (0: serve the untrained "
+        "model) [4]",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="set everything up, then stop and exit (non-zero if any step failed)",
@@ -167,7 +180,9 @@ def read_volume_slices(path: Path, n: int) -> list[tuple[str, np.ndarray]]:
 
 def prepare_images(args: argparse.Namespace, images_dir: Path) -> list[Path]:
     if args.volume is None:
-        return write_demo_images(images_dir / "synthetic", n=args.images, size=args.size, seed=args.seed)
+        return write_demo_images(
+            images_dir / "synthetic", n=args.images, size=args.size, seed=args.seed, masks=True
+        )
     volume = args.volume.expanduser().resolve()
     if not volume.exists():
         raise SystemExit(f"VOLUME {volume} does not exist")
@@ -217,6 +232,39 @@ def retrieve_predictions(ls: LabelStudioServer, project_id: int, batch: int) -> 
     return sum(1 for t in tasks if (t.total_predictions or 0) > 0), len(tasks)
 
 
+def teach(ls: LabelStudioServer, project_id: int, masks_dir: Path, n: int) -> int:
+    """Annotate `n` tasks with the generator's ground truth: Label Studio's webhooks start training."""
+    client = ls.client()
+    target = parse_brush_target(LABEL_CONFIG)
+    done = 0
+    for task in sorted(client.tasks.list(project=project_id, fields="all"), key=lambda t: t.id)[:n]:
+        if task.total_annotations:
+            continue
+        # Label Studio stores uploads as "<hash>-<original name>".
+        name = Path(str(task.data["image"])).name.split("-", 1)[-1]
+        mask = np.asarray(Image.open(masks_dir / name))
+        client.annotations.create(id=task.id, result=brush_results(mask.astype(np.uint8), target))
+        done += 1
+    return done
+
+
+def wait_for_training(backend: BackendServer, project_id: int, timeout: float = 1800) -> dict:
+    """Follow the backend's /status until the run ends, printing its progress."""
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        status = requests.get(f"{backend.url}/status/{project_id}", timeout=5).json()
+        state = status.get("state", "queued")
+        progress = status.get("progress") or {}
+        line = f"{state} {progress.get('step', 0)}/{progress.get('max_steps', '?')}" if progress else state
+        if line != last:
+            note(line + (f" (loss {progress['loss']})" if progress.get("loss") is not None else ""))
+            last = line
+        if state in ("succeeded", "failed", "interrupted"):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"training did not finish in {timeout:.0f} s")
+
+
 # --------------------------------------------------------------------------------- main
 
 
@@ -250,6 +298,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         "LABEL_STUDIO_URL": ls.url,
         "LABEL_STUDIO_API_KEY": ls.token,
         "REDIS_URL": redis.url,
+        # A demo should show the loop within minutes on a laptop CPU; your environment wins.
+        "TRAIN_DEBOUNCE_SECONDS": os.environ.get("TRAIN_DEBOUNCE_SECONDS", "2"),
+        "TRAIN_MAX_STEPS": os.environ.get("TRAIN_MAX_STEPS", "150"),
     }
     step(f"ML backend on port {args.ml_port}")
     backend = BackendServer(env, port=args.ml_port, log_path=logs / "ml-backend.log")
@@ -260,16 +311,15 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     note(f"{backend.url} healthy")
     children: list[ManagedProcess] = [ls, backend]
 
-    if (REPO_ROOT / "ml_backend" / "worker.py").exists():
-        step("RQ worker")
-        worker = stack.enter_context(WorkerProcess(env, log_path=logs / "ml-worker.log"))
-        try:
-            worker.wait_ready(redis.url, timeout=60)
-            note(f"worker pid {worker.pid} listening")
-        except (RuntimeError, TimeoutError) as exc:
-            failures.append(f"worker: {exc}")
-            note(f"WARNING: worker not ready: {exc}")
-        children.append(worker)
+    step("RQ worker")
+    worker = stack.enter_context(WorkerProcess(env, log_path=logs / "ml-worker.log"))
+    try:
+        worker.wait_ready(redis.url, timeout=60)
+        note(f"worker pid {worker.pid} listening")
+    except (RuntimeError, TimeoutError) as exc:
+        failures.append(f"worker: {exc}")
+        note(f"WARNING: worker not ready: {exc}")
+    children.append(worker)
 
     title = PROJECT_TITLE if args.volume is None else f"{PROJECT_TITLE}: {Path(args.volume).stem}"
     step(f'Project "{title}"')
@@ -292,6 +342,26 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         failures.append(f"connect: {exc}")
         note(f"WARNING: could not connect the backend: {exc}")
         args.no_predict = True
+
+    if args.volume is None and args.teach > 0 and not args.no_predict:
+        step(f"Teaching: {args.teach} expert annotations (the synthetic ground truth) → webhooks → worker")
+        try:
+            added = teach(ls, project.id, data_dir / "images" / "synthetic" / "masks", args.teach)
+            note(f"{added} annotations submitted" if added else "already annotated; no new training")
+            if added:
+                status = wait_for_training(backend, project.id)
+                result = status.get("last_result") or {}
+                metrics = result.get("metrics") or {}
+                after = (metrics.get("holdout_after") or {}).get("iou")
+                if status.get("state") != "succeeded":
+                    failures.append(f"training: {status.get('state')} {status.get('error', '')}")
+                note(
+                    f"{status.get('state')}: {result.get('version', '?')}"
+                    + (f", held-out IoU {after:.3f}" if isinstance(after, float) else "")
+                )
+        except Exception as exc:
+            failures.append(f"teaching: {exc}")
+            note(f"WARNING: teaching failed: {exc} (see {logs})")
 
     if not args.no_predict:
         step("Retrieving predictions (Data Manager action)")

@@ -217,23 +217,27 @@ def test_label_studio_project_upload_roundtrip(label_studio: LabelStudioServer, 
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(600)
 def test_demo_smoke(label_studio: LabelStudioServer, redis_url: str, repo_root: Path, tmp_path: Path) -> None:
-    """`make demo` end to end: its own Label Studio, backend, worker, import, predictions, cleanup."""
+    """`make demo` end to end: its own Label Studio, backend, worker, import, a first training
+    round from expert annotations, predictions of the trained version, cleanup."""
     data_dir = tmp_path / "demo"
     seed_from_template(data_dir / "label-studio")  # skip the migrations (label_studio built it)
     ls_port, ml_port = find_free_port(), find_free_port()
     result = subprocess.run(
         [sys.executable, str(repo_root / "scripts" / "demo.py"), "--data-dir", str(data_dir),
-         "--ls-port", str(ls_port), "--ml-port", str(ml_port), "--images", "2", "--size", "160",
-         "--smoke"],
-        env={**os.environ, "REDIS_URL": redis_url},
+         "--ls-port", str(ls_port), "--ml-port", str(ml_port), "--images", "3", "--size", "160",
+         "--teach", "2", "--smoke"],
+        env={**os.environ, "REDIS_URL": redis_url, "TRAIN_MAX_STEPS": "10", "TRAIN_PATCH_SIZE": "128",
+             "RQ_QUEUE": f"emloop-demo-test-{ls_port}"},
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=560,
     )  # fmt: skip
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert "2/2 tasks have predictions" in out and f"http://127.0.0.1:{ls_port}/projects/" in out, out
+    assert "2 annotations submitted" in out and "succeeded: emloop-v1-" in out, out
+    assert "3/3 tasks have predictions" in out and f"http://127.0.0.1:{ls_port}/projects/" in out, out
     for port in (ls_port, ml_port):  # everything it started is gone
         assert not port_in_use(port), out
 
