@@ -70,7 +70,7 @@ class ImagePrediction:
     forward_seconds: float = 0.0  # time inside the network, for the latency breakdown in /metrics
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:
@@ -106,7 +106,7 @@ def predict_image(
         for y in ys:
             for x in xs:
                 crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
-                batch, h, w = _pad_to_multiple(crop[None, None].to(device), net.config.size_multiple)
+                batch, h, w = pad_to_multiple(crop[None, None].to(device), net.config.size_multiple)
                 batch = batch.contiguous(memory_format=torch.channels_last)
                 started = time.perf_counter()
                 if with_embedding:

@@ -44,7 +44,7 @@ from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
 from .checkpoints import CheckpointStore, Version, atomic_write_bytes
 from .config import Settings
 from .images import ImageError, shared_fetcher
-from .inference import _pad_to_multiple, normalize_image, predict_image, tile_starts
+from .inference import normalize_image, pad_to_multiple, predict_image, tile_starts
 from .label_config import BrushTarget, parse_brush_target
 from .network import UNet, default_device
 from .predictions import brush_results, label_map
@@ -186,7 +186,7 @@ class _Passes:
 
     def batch(self, group: list[np.ndarray]) -> tuple[torch.Tensor, int, int]:
         pixels = np.stack([normalize_image(im) for im in group])[:, None]
-        x, h, w = _pad_to_multiple(torch.from_numpy(pixels).to(self.device), self.net.config.size_multiple)
+        x, h, w = pad_to_multiple(torch.from_numpy(pixels).to(self.device), self.net.config.size_multiple)
         return x.contiguous(memory_format=torch.channels_last), h, w
 
     def forward(self, x: torch.Tensor, h: int, w: int, mc: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +223,7 @@ class _Passes:
         for y in tile_starts(height, th, self.overlap):
             for x0 in tile_starts(width, tw, self.overlap):
                 crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x0 : x0 + tw]))
-                x, h, w = _pad_to_multiple(crop[None, None].to(self.device), self.net.config.size_multiple)
+                x, h, w = pad_to_multiple(crop[None, None].to(self.device), self.net.config.size_multiple)
                 emb = self.net.embed(x.contiguous(memory_format=torch.channels_last))[0].float().cpu().numpy()
                 total = emb * (h * w) + (0 if total is None else total)
                 area += h * w

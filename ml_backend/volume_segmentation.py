@@ -40,7 +40,7 @@ from sdk.tiling.grid import axis_index
 
 from .checkpoints import CheckpointError, atomic_write_bytes
 from .inference import predict_image
-from .network import UNet, UNetConfig, default_device
+from .network import UNet, UNetConfig, default_device, fuse_for_inference
 
 Kind = Literal["labels", "probs"]
 Format = Literal["zarr", "tiff"]
@@ -197,12 +197,14 @@ _NETS: dict[tuple[str, str, str], UNet] = {}
 
 
 def cached_network(path: str, sha256: str, device: torch.device) -> UNet:
-    """Per-process cache, so a worker loads the checkpoint once for all the blocks of a run."""
+    """The checkpoint's network ready for inference (BatchNorm folded into the convolutions, on
+    ``device``), cached per process: a worker loads it once for all the blocks of a run, and the
+    in-process path uses the very same network as the workers."""
     key = (path, sha256, str(device))
     if key not in _NETS:
         _NETS.clear()  # one run at a time per worker; don't pile up networks
         net, _ = load_checkpoint(path, sha256)
-        _NETS[key] = net.to(device)
+        _NETS[key] = fuse_for_inference(net).to(device)
     return _NETS[key]
 
 

@@ -222,9 +222,6 @@ def image_score(
     )
 
 
-image_scores = image_score  # name used in the design brief
-
-
 def uncertainty_scores(
     strategy: str,
     *,
