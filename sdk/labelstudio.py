@@ -25,6 +25,21 @@ class LabelStudioError(RuntimeError):
     """Label Studio refused or failed a request; the message says which and why."""
 
 
+def label_studio_error_message(exc: BaseException, url: str) -> str | None:
+    """One readable line for a label-studio-sdk (HTTP status) or httpx (network) error, else None.
+
+    The SDK's own message dumps every response header; scripts print this instead.
+    """
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        body = getattr(exc, "body", None)
+        detail = body.get("detail") or body if isinstance(body, dict) else body
+        return f"Label Studio at {url} answered HTTP {status}: {detail}"
+    if type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3"):
+        return f"cannot reach Label Studio at {url} ({type(exc).__name__}: {exc})"
+    return None
+
+
 def is_personal_access_token(api_key: str) -> bool:
     return api_key.count(".") == 2
 
