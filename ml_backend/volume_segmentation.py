@@ -37,13 +37,13 @@ import torch
 
 from sdk.tiling import open_volume, plane_shape, to_uint8
 from sdk.tiling.grid import axis_index
+from sdk.tiling.output import Format, output_format  # noqa: F401 - re-exported for the script
 
 from .checkpoints import CheckpointError, atomic_write_bytes
 from .inference import predict_image
 from .network import UNet, UNetConfig, default_device, fuse_for_inference
 
 Kind = Literal["labels", "probs"]
-Format = Literal["zarr", "tiff"]
 PROGRESS_SUFFIX = ".progress"
 JOB_PREFIX = "emloop-seg"
 
@@ -122,17 +122,6 @@ def block_ranges(n: int, size: int) -> list[tuple[int, int]]:
     if size < 1:
         raise ValueError(f"chunk_slices must be >= 1, got {size}")
     return [(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-def output_format(path: str | os.PathLike[str]) -> Format:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".zarr":
-        return "zarr"
-    if suffix in (".tif", ".tiff"):
-        return "tiff"
-    raise ValueError(
-        f"unknown output format {suffix or '(no extension)'!r} for {path}: use .zarr, .tif or .tiff"
-    )
 
 
 def quantize_probs(probs: np.ndarray) -> np.ndarray:

@@ -39,9 +39,11 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 
 from ml_backend.annotations import AnnotationError, choose_annotation, label_map  # noqa: E402
 from ml_backend.label_config import LabelConfigError, parse_brush_target  # noqa: E402
-from sdk.labelstudio import LabelStudioAPI, label_studio_error_message  # noqa: E402
+from sdk.cli import run_main  # noqa: E402
+from sdk.labelstudio import LabelStudioAPI  # noqa: E402
 from sdk.tiling import AXES, open_volume, stitch_patches  # noqa: E402
 from sdk.tiling.grid import axis_index  # noqa: E402
+from sdk.tiling.output import output_format  # noqa: E402
 from sdk.volume_tasks import patch_from_task  # noqa: E402
 
 PROG = "export_volume.py"
@@ -72,17 +74,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
-
-
-def out_format(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix == ".zarr":
-        return "zarr"
-    if suffix in (".tif", ".tiff"):
-        return "tiff"
-    raise ValueError(
-        f"unknown output format {suffix or '(no extension)'!r} for {path}: use .zarr, .tif or .tiff"
-    )
 
 
 class MappedTiff:
@@ -121,7 +112,7 @@ def open_output(
 ) -> Any:
     if path.exists() and not overwrite:
         raise ValueError(f"{path} exists; pass --overwrite to replace it")
-    if out_format(path) == "tiff":
+    if output_format(path) == "tiff":
         return MappedTiff(path, shape)  # stitch_patches writes every plane, unknown ones included
     import zarr
 
@@ -187,7 +178,7 @@ def volume_shape(tasks: list[dict], args: argparse.Namespace, volume_id: str) ->
 def export(args: argparse.Namespace) -> str:
     for path in (args.out, args.coverage):
         if path is not None:
-            out_format(path)
+            output_format(path)
     if not 0 <= args.unknown <= 255:
         raise ValueError(f"--unknown must fit uint8 (0..255), got {args.unknown}")
     api = LabelStudioAPI.from_env(args.url, args.api_key)
@@ -247,18 +238,7 @@ def export(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        print(f"{PROG}: {export(args)}", file=sys.stderr)
-    except INPUT_ERRORS as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # Label Studio, network, disk: one line, not a traceback
-        if os.environ.get("EMLOOP_TRACEBACK"):
-            raise
-        message = label_studio_error_message(exc, args.url) or f"{type(exc).__name__}: {exc}"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(PROG, lambda: export(args), input_errors=INPUT_ERRORS, url=args.url)
 
 
 if __name__ == "__main__":

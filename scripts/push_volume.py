@@ -41,10 +41,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 
 from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target  # noqa: E402
+from sdk.cli import run_main  # noqa: E402
 from sdk.labelstudio import (  # noqa: E402
     LabelStudioAPI,
-    LabelStudioError,
-    label_studio_error_message,  # noqa: E402
+    LabelStudioError,  # noqa: E402
 )
 from sdk.tiling import AXES, Patch, estimate_intensity_range, open_volume  # noqa: E402
 from sdk.volume_tasks import (  # noqa: E402
@@ -274,21 +274,13 @@ def push(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        print(f"{PROG}: {push(args)}", file=sys.stderr)
-    except INPUT_ERRORS as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; tasks created so far are kept, re-run to push the rest", file=sys.stderr)
-        return 130
-    except Exception as exc:  # Label Studio, network, disk: one line, not a traceback
-        if os.environ.get("EMLOOP_TRACEBACK"):
-            raise
-        message = label_studio_error_message(exc, args.url) or f"{type(exc).__name__}: {exc}"
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(
+        PROG,
+        lambda: push(args),
+        input_errors=INPUT_ERRORS,
+        interrupted="interrupted; tasks created so far are kept, re-run to push the rest",
+        url=args.url,
+    )
 
 
 if __name__ == "__main__":

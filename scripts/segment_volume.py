@@ -47,6 +47,7 @@ from ml_backend.volume_segmentation import (  # noqa: E402
     run_block,
     wait_for_jobs,
 )
+from sdk.cli import run_main  # noqa: E402
 from sdk.postprocess import connected_components, write_stats_csv  # noqa: E402
 from sdk.tiling import AXES, estimate_intensity_range, open_volume, plane_shape  # noqa: E402
 
@@ -276,22 +277,12 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except INPUT_ERRORS as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted; finished blocks are kept, run the same command to resume", file=sys.stderr
-        )
-        return 130
-    except Exception as exc:  # runtime failures (a worker job, Redis, disk): one line, not a traceback
-        if os.environ.get("EMLOOP_TRACEBACK"):
-            raise
-        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(
+        PROG,
+        lambda: run(args),
+        input_errors=INPUT_ERRORS,
+        interrupted="interrupted; finished blocks are kept, run the same command to resume",
+    )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,8 @@ TARGET = parse_brush_target(CONFIG)
 TINY = UNetConfig(n_classes=TARGET.n_classes, base_channels=4, depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks on 2 busy cores: a second torch thread only slows them down.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -13,13 +13,8 @@ from ml_backend.network import MCDropout2d, UNet, UNetConfig, build_unet
 TINY = UNetConfig(n_classes=3, base_channels=4, depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: extra threads only fight over busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks on 2 busy cores: a second torch thread only slows them down.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

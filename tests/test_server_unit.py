@@ -32,12 +32,8 @@ TARGET = parse_brush_target(CONFIG)
 REDIS_DOWN = "redis://127.0.0.1:1/0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks on 2 busy cores: a second torch thread only slows them down.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_settings(tmp_path: Path, **overrides) -> Settings:

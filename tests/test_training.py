@@ -29,12 +29,8 @@ TARGET = parse_brush_target(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny networks on 2 busy cores: a second torch thread only slows them down.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def discs(seed: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
