@@ -77,7 +77,7 @@ class LabelStudioAPI:
     def _exchange_token(self) -> str:
         try:
             resp = self.session.post(
-                f"{self.url}/api/token/refresh", json={"refresh": self.api_key}, timeout=self.timeout
+                f"{self.url}/api/token/refresh/", json={"refresh": self.api_key}, timeout=self.timeout
             )
         except requests.RequestException as exc:
             raise LabelStudioError(

@@ -142,3 +142,16 @@ def test_health_answers_while_predicting(backend_factory, tmp_path):
         done.wait(0.2)
     worker.join()
     assert checked >= 2, "the prediction finished before /health could be checked during it"
+
+
+def test_personal_access_token_fetches_images(label_studio, backend_factory, project_with_image):
+    """Label Studio 1.23's personal access tokens (JWT refresh tokens) work as LABEL_STUDIO_API_KEY."""
+    project_id, uploaded, _ = project_with_image
+    resp = requests.post(f"{label_studio.url}/api/token/", headers=label_studio.auth_headers, timeout=30)
+    assert resp.status_code == 201, resp.text
+    pat = resp.json()["token"]
+    assert pat.count(".") == 2
+    backend = backend_factory(label_studio=label_studio, env={"LABEL_STUDIO_API_KEY": pat})
+    resp = _predict(backend, [{"id": 1, "data": {"img": uploaded}}], project=f"{project_id}.0")
+    assert resp.status_code == 200, resp.text
+    assert "error" not in resp.json()["results"][0]
