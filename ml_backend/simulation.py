@@ -1,0 +1,380 @@
+"""The papers' active-learning simulation, with the ground truth as the oracle.
+
+Protocol (Roels & Saeys): the labelled volume is split halfway along y; the top half
+gives a pool of 2-D patches to query, the bottom half is the test set. Each chain
+(strategy, seed) starts from the seed's initial labelled patches and initial model
+(trained once per seed and copied, so strategies compare paired), then each round
+selects ``batch`` patches with the strategy, adds them, fine-tunes from the previous
+round's weights (early stopping on a fixed validation set, within a step budget) and
+evaluates IoU on the whole test half. A model trained on the whole pool gives the
+full-supervision reference.
+
+Everything a chain needs to continue (weights, labelled patches, last result) is saved
+after each round, and results are appended to ``results.jsonl``, so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdk.strategies import STRATEGIES, ceal_threshold, select, select_ceal
+from sdk.tiling import open_volume, patch_grid, read_patch
+
+from .network import UNet, UNetConfig, build_unet
+from .scoring import score_pool
+from .training import TrainConfig, evaluate, fine_tune
+
+RESULTS = "results.jsonl"
+FULL = "full"  # the strategy name of the full-supervision reference rows
+Row = dict
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything that changes the numbers; stored with the results so a resume cannot mix runs."""
+
+    pool_size: int = 400
+    initial: int = 10
+    batch: int = 10
+    rounds: int = 10
+    patch: int = 128
+    base_channels: int = 8
+    depth: int = 3
+    dropout: float = 0.2
+    batch_size: int = 4
+    initial_steps: int = 300
+    round_steps: int = 100
+    full_steps: int = 1000
+    min_steps: int = 30
+    check_every: int = 10
+    patience: int = 3
+    val_patches: int = 16
+    mc_samples: int = 8
+    ceal_delta0: float = 0.05
+    ceal_decay: float = 0.005
+    ceal_max_pseudo: int = 10
+    sections: int = 0  # 0: all sections
+    crop: int = 0  # 0: whole sections; else the top-left crop x crop of each (tests)
+    eval_tile: int = 1024
+
+    def unet(self) -> UNetConfig:
+        return UNetConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout)
+
+    def train(self, steps: int, seed: int) -> TrainConfig:
+        return TrainConfig(
+            patch_size=self.patch,
+            batch_size=self.batch_size,
+            max_steps=steps,
+            min_steps=min(self.min_steps, steps),
+            check_every=self.check_every,
+            patience=self.patience,
+            seed=seed,
+        )
+
+    def check(self) -> None:
+        if min(self.pool_size, self.initial, self.batch, self.patch, self.val_patches) < 1 or self.rounds < 0:
+            raise ValueError("pool, initial, batch, patch and val patches must be >= 1, rounds >= 0")
+        if self.initial + self.batch * self.rounds > self.pool_size:
+            raise ValueError(
+                f"initial + batch * rounds = {self.initial + self.batch * self.rounds} exceeds the pool "
+                f"of {self.pool_size} patches"
+            )
+        if self.patch % 2**self.depth:
+            raise ValueError(f"patch {self.patch} must be a multiple of 2**depth = {2**self.depth}")
+
+
+@dataclass
+class Data:
+    """The split volume: query half (Z, H/2, W) and the test half as whole images."""
+
+    train_raw: np.ndarray
+    train_mask: np.ndarray
+    test_images: list[np.ndarray]
+    test_masks: list[np.ndarray]
+
+
+def load_vnc(vnc_dir: Path, config: SimConfig) -> Data:
+    """Stack 1 of the VNC data (raw TIFFs + mitochondria PNGs, binarised), split along y."""
+    stack = Path(vnc_dir) / "stack1"
+    for sub in ("raw", "mitochondria"):
+        if not (stack / sub).is_dir():
+            raise FileNotFoundError(f"VNC data not found: {stack / sub} is not a folder")
+    with open_volume(stack / "raw") as vol:
+        raw = np.asarray(vol[:])
+    with open_volume(stack / "mitochondria") as vol:
+        mask = (np.asarray(vol[:]) > 0).astype(np.uint8)
+    if raw.shape != mask.shape:
+        raise ValueError(f"raw {raw.shape} and mitochondria {mask.shape} volumes differ in shape")
+    if config.sections:
+        raw, mask = raw[: config.sections], mask[: config.sections]
+    if config.crop:
+        raw, mask = raw[:, : config.crop, : config.crop], mask[:, : config.crop, : config.crop]
+    half = raw.shape[1] // 2
+    if half < config.patch or raw.shape[2] < config.patch:
+        raise ValueError(f"the query half {half}x{raw.shape[2]} is smaller than a {config.patch} patch")
+    return Data(
+        train_raw=raw[:, :half],
+        train_mask=mask[:, :half],
+        test_images=list(raw[:, half:]),
+        test_masks=list(mask[:, half:]),
+    )
+
+
+@dataclass
+class Pool:
+    """One seed's pool and validation patches (disjoint grid positions of the query half)."""
+
+    images: np.ndarray  # (n, p, p) uint8
+    masks: np.ndarray  # (n, p, p) uint8
+    val_images: list[np.ndarray]
+    val_masks: list[np.ndarray]
+
+
+def make_pool(data: Data, config: SimConfig, seed: int) -> Pool:
+    """Random positions on a half-overlapping grid; the validation patches are never queried."""
+    grid = patch_grid(data.train_raw.shape, "z", config.patch, stride=max(1, config.patch // 2))
+    need = config.pool_size + config.val_patches
+    if need > len(grid):
+        raise ValueError(f"pool + validation = {need} patches, but the query half holds only {len(grid)}")
+    order = np.random.default_rng([seed, 7]).permutation(len(grid))[:need]
+    patches = [grid[i] for i in order]
+    images = np.stack([read_patch(data.train_raw, p) for p in patches])
+    masks = np.stack([read_patch(data.train_mask, p) for p in patches])
+    v = config.val_patches
+    return Pool(images[v:], masks[v:], list(images[:v]), list(masks[:v]))
+
+
+def read_results(path: Path) -> list[Row]:
+    """Rows of a results.jsonl (a torn last line from a crash is ignored)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Simulation:
+    """Runs and resumes the chains of one output folder."""
+
+    def __init__(self, out: Path, config: SimConfig, data: Data, *, device: torch.device | None = None):
+        config.check()
+        self.out, self.config, self.data = Path(out), config, data
+        self.device = device or torch.device("cpu")
+        self.results = self.out / RESULTS
+        self._pools: dict[int, Pool] = {}
+        self._check_config()
+        self.done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(self.results)}
+
+    def _check_config(self) -> None:
+        path = self.out / "config.json"
+        current = asdict(self.config)
+        if path.exists():
+            stored = json.loads(path.read_text())
+            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            if diff:
+                raise ValueError(
+                    f"{self.out} holds results of another configuration (differs in {', '.join(diff)}); "
+                    "use another --out"
+                )
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(current, indent=2) + "\n")
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def pool(self, seed: int) -> Pool:
+        if seed not in self._pools:
+            self._pools[seed] = make_pool(self.data, self.config, seed)
+        return self._pools[seed]
+
+    def _state_path(self, strategy: str, seed: int) -> Path:
+        return self.out / "state" / f"seed{seed}" / f"{strategy}.pt"
+
+    def _append(self, row: Row) -> None:
+        key = (row["strategy"], row["seed"], row["round"])
+        if key in self.done:
+            return
+        with self.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done.add(key)
+
+    def _load(self, strategy: str, seed: int) -> dict | None:
+        path = self._state_path(strategy, seed)
+        return torch.load(path, weights_only=False) if path.exists() else None
+
+    def _net(self, state_dict: dict) -> UNet:
+        net = build_unet(self.config.unet())
+        net.load_state_dict(state_dict)
+        return net.to(self.device)
+
+    def _evaluate(self, net: UNet) -> dict:
+        return evaluate(net, self.data.test_images, self.data.test_masks, tile=self.config.eval_tile)
+
+    def _train(self, net: UNet, pool: Pool, images: Sequence, masks: Sequence, steps: int, seed: int) -> dict:
+        return fine_tune(
+            net,
+            list(images),
+            list(masks),
+            self.config.train(steps, seed),
+            val_images=pool.val_images,
+            val_masks=pool.val_masks,
+            device=self.device,
+        )
+
+    # -- the protocol -----------------------------------------------------------------------
+    def initial(self, seed: int) -> dict:
+        """The seed's initial labelled set and model (trained once, shared by every strategy)."""
+        state = self._load("initial", seed)
+        if state is None:
+            started = time.perf_counter()
+            pool = self.pool(seed)
+            labeled = select("random", self.config.initial, n=len(pool.images), seed=seed).tolist()
+            net = build_unet(self.config.unet(), seed=seed).to(self.device)
+            images, masks = pool.images[labeled], pool.masks[labeled]
+            info = self._train(net, pool, images, masks, self.config.initial_steps, seed * 1000)
+            row = self._row("initial", seed, 0, len(labeled), self._evaluate(net), info, started)
+            state = {"round": 0, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
+            _atomic_save(state, self._state_path("initial", seed))
+        return state
+
+    def full(self, seed: int) -> None:
+        """The full-supervision reference: the initial model trained on the whole pool."""
+        if (FULL, seed, 0) in self.done:
+            return
+        started = time.perf_counter()
+        pool = self.pool(seed)
+        net = self._net(self.initial(seed)["state_dict"])
+        info = self._train(net, pool, pool.images, pool.masks, self.config.full_steps, seed * 1000 + 999)
+        self._append(self._row(FULL, seed, 0, len(pool.images), self._evaluate(net), info, started))
+
+    def step(self, strategy: str, seed: int, round_: int) -> None:
+        """Bring chain (strategy, seed) to `round_` (0 = the initial model), if not there yet."""
+        if (strategy, seed, round_) in self.done:
+            return
+        state = self._load(strategy, seed)
+        if state is not None and state["round"] >= round_:  # saved, but the row was lost in a crash
+            if state["round"] == round_:
+                self._append({**state["row"], "strategy": strategy})
+            return
+        if round_ == 0 or state is None:
+            initial = self.initial(seed)
+            if round_ == 0:
+                self._append({**initial["row"], "strategy": strategy})
+                return
+            state = initial
+        if state["round"] != round_ - 1:
+            raise ValueError(f"{strategy} seed {seed}: saved round {state['round']}, cannot run {round_}")
+        started = time.perf_counter()
+        pool, labeled = self.pool(seed), list(state["labeled"])
+        net = self._net(state["state_dict"])
+        query, pseudo, pseudo_labels = self._query(strategy, net, pool, labeled, seed, round_)
+        labeled += query
+        images = [*pool.images[labeled], *pool.images[pseudo]]
+        masks = [*pool.masks[labeled], *pseudo_labels]
+        info = self._train(net, pool, images, masks, self.config.round_steps, seed * 1000 + round_)
+        row = self._row(strategy, seed, round_, len(labeled), self._evaluate(net), info, started)
+        row["pseudo"] = len(pseudo)
+        state = {"round": round_, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
+        _atomic_save(state, self._state_path(strategy, seed))
+        self._append(row)
+
+    def _query(
+        self, strategy: str, net: UNet, pool: Pool, labeled: list[int], seed: int, round_: int
+    ) -> tuple[list[int], list[int], list[np.ndarray]]:
+        """Pool indices for the oracle, plus CEAL's pseudo-labelled indices and labels."""
+        cfg = self.config
+        taken = set(labeled)
+        rest = np.array([i for i in range(len(pool.images)) if i not in taken], dtype=np.int64)
+        k, select_seed = min(cfg.batch, len(rest)), seed * 1000 + round_
+        if strategy == "random":
+            return rest[select("random", k, n=len(rest), seed=select_seed)].tolist(), [], []
+        common = {"mc_samples": cfg.mc_samples, "batch_size": 16, "device": self.device, "progress": False}
+        scores = score_pool(
+            net, pool.images[rest], strategy, keep_probs=strategy == "ceal", seed=seed, **common
+        )
+        if strategy == "ceal":
+            threshold = ceal_threshold(cfg.ceal_delta0, cfg.ceal_decay, round_ - 1)
+            sel = select_ceal(
+                k,
+                threshold=threshold,
+                probs=scores.probs,
+                scores=scores.scores,
+                max_pseudo=cfg.ceal_max_pseudo,
+            )
+            labels = [lab.astype(np.uint8) for lab in sel.pseudo_labels]
+            return rest[sel.query].tolist(), rest[sel.pseudo].tolist(), labels
+        labeled_emb = None
+        if strategy in ("coreset", "hybrid"):
+            labeled_emb = score_pool(net, pool.images[labeled], None, **common).embeddings
+        picked = scores.select(strategy, k, labeled_embeddings=labeled_emb, seed=select_seed)
+        return rest[picked].tolist(), [], []
+
+    def _row(
+        self, strategy: str, seed: int, round_: int, n_labeled: int, scores: dict, info: dict, started: float
+    ) -> Row:
+        return {
+            "strategy": strategy,
+            "seed": seed,
+            "round": round_,
+            "labeled": n_labeled,
+            "iou": round(scores["iou"], 6),
+            "dice": round(scores["dice"], 6),
+            "steps": int(info["steps"]),
+            "best_step": int(info["best_step"]),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+
+    def run(
+        self,
+        strategies: Iterable[str],
+        seeds: Iterable[int],
+        *,
+        on_step: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        """All chains round by round (every strategy and seed advance together), then the references."""
+        strategies, seeds = list(strategies), list(seeds)
+        unknown = sorted(set(strategies) - set(STRATEGIES))
+        if unknown:
+            raise ValueError(
+                f"unknown strategy {', '.join(unknown)}; valid strategies: {', '.join(STRATEGIES)}"
+            )
+        for round_ in range(self.config.rounds + 1):
+            for seed in seeds:
+                for strategy in strategies:
+                    self.step(strategy, seed, round_)
+                    if on_step:
+                        on_step(strategy, seed, round_)
+        for seed in seeds:
+            self.full(seed)
+            if on_step:
+                on_step(FULL, seed, 0)
+
+    def work(self, strategies: Sequence[str], seeds: Sequence[int]) -> tuple[int, int]:
+        """(finished, total) steps of a run, for the progress bar."""
+        keys = [(s, seed, r) for r in range(self.config.rounds + 1) for seed in seeds for s in strategies]
+        keys += [(FULL, seed, 0) for seed in seeds]
+        return sum(k in self.done for k in keys), len(keys)
+
+
+def config_fields() -> list[str]:
+    """SimConfig's field names (the CLI maps its options onto them)."""
+    return [f.name for f in fields(SimConfig)]

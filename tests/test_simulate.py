@@ -1,0 +1,85 @@
+"""scripts/simulate.py end to end on a tiny VNC pool: results rows, resume, report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VNC = REPO.parent / "shared" / "data" / "vnc"
+pytestmark = pytest.mark.skipif(
+    not (VNC / "stack1" / "raw").is_dir() or not (VNC / "stack1" / "mitochondria").is_dir(),
+    reason=f"VNC data not found at {VNC}",
+)
+
+STRATEGIES = ("random", "bald", "coreset")  # bald needs MC dropout, coreset embeddings
+SEEDS, ROUNDS = 2, 2
+TINY = [
+    "--strategies", ",".join(STRATEGIES), "--seeds", str(SEEDS), "--rounds", str(ROUNDS),
+    "--pool", "12", "--initial", "4", "--batch", "2", "--patch", "64", "--sections", "2", "--crop", "256",
+    "--base-channels", "4", "--depth", "2", "--initial-steps", "6", "--round-steps", "4",
+    "--full-steps", "6", "--val-patches", "2", "--mc-samples", "2", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def simulate():
+    spec = importlib.util.spec_from_file_location("simulate", REPO / "scripts" / "simulate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_simulation_runs_resumes_and_reports(simulate, tmp_path, one_torch_thread):
+    out, readme = tmp_path / "sim", tmp_path / "README.md"
+    assert simulate.main([*TINY, "--out", str(out)]) == 0
+
+    results = rows(out)
+    keys = {(r["strategy"], r["seed"], r["round"]) for r in results}
+    expected = {(s, seed, r) for s in STRATEGIES for seed in range(SEEDS) for r in range(ROUNDS + 1)}
+    assert keys == expected | {("full", seed, 0) for seed in range(SEEDS)}
+    assert len(results) == len(keys)
+    for r in results:
+        if r["strategy"] != "full":
+            assert r["labeled"] == 4 + 2 * r["round"]
+        assert 0.0 <= r["iou"] <= 1.0
+    # Paired comparison: every strategy of a seed starts from the same model.
+    for seed in range(SEEDS):
+        assert len({r["iou"] for r in results if r["seed"] == seed and r["round"] == 0}) == 1
+    # Chains keep their labelled set: no patch twice.
+    for s in STRATEGIES:
+        state = torch.load(out / "state" / "seed0" / f"{s}.pt", weights_only=False)
+        assert state["round"] == ROUNDS and len(set(state["labeled"])) == 4 + 2 * ROUNDS
+
+    before = (out / "results.jsonl").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "state").rglob("*.pt")}
+    assert simulate.main([*TINY, "--out", str(out)]) == 0  # resume: nothing left to do
+    assert (out / "results.jsonl").read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in (out / "state").rglob("*.pt")} == mtimes
+
+    # A lost round is recomputed from the saved chain state and rows are not duplicated.
+    lines = before.splitlines()
+    dropped = next(i for i, line in enumerate(lines) if json.loads(line)["round"] == ROUNDS)
+    (out / "results.jsonl").write_text("\n".join(lines[:dropped] + lines[dropped + 1 :]) + "\n")
+    assert simulate.main([*TINY, "--out", str(out)]) == 0
+    assert sorted(rows(out), key=str) == sorted(results, key=str)
+
+    # Another configuration in the same folder is refused with exit status 2.
+    assert simulate.main([*TINY, "--out", str(out), "--batch", "3"]) == 2
+
+    readme.write_text("# Benchmarks\n\nintro\n")
+    assert simulate.main(["--report", "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert "| strategy | 4 | 6 | 8 |" in text and "Gain over random" in text and "| bald |" in text
+    assert (out / "learning_curve.png").stat().st_size > 0 and (out / "results.csv").exists()
+    assert simulate.main(["--report", "--out", str(out), "--readme", str(readme)]) == 0
+    assert readme.read_text().count("simulation:begin") == 1  # replaced, not appended again
