@@ -78,6 +78,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def load_checkpoint(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[UNet, str]:
+    """The network in a ``v<N>.pt`` file (``{"config", "state_dict"}``) and the file's SHA-256.
+
+    With ``sha256`` the file must still be the one the run was planned with.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise CheckpointError(f"checkpoint {path} changed since the run was planned (SHA-256 differs)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        net = UNet(UNetConfig(**payload["config"]))
+        net.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # any decoding problem means the file is unusable
+        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"{path} is not a valid emloop checkpoint: {reason}") from None
+    return net.eval(), digest
+
+
 class CheckpointStore:
     """The versions of one project's model for one label config."""
 
@@ -118,20 +140,10 @@ class CheckpointStore:
         """The network of `version`; raises CheckpointError if its file is not intact."""
         if version.number == 0:
             return build_unet(self.network, seed=0)
-        path = self.root / str(version.file)
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"{version.name}: cannot read {path}: {exc}") from None
-        if hashlib.sha256(data).hexdigest() != version.sha256:
-            raise CheckpointError(f"{version.name}: {path} does not match its recorded SHA-256")
-        try:
-            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            net = UNet(UNetConfig(**payload["config"]))
-            net.load_state_dict(payload["state_dict"])
-        except Exception as exc:  # any decoding problem means the file is unusable
-            raise CheckpointError(f"{version.name}: {path} is not a valid checkpoint: {exc}") from None
-        return net.eval()
+            return load_checkpoint(self.root / str(version.file), version.sha256)[0]
+        except CheckpointError as exc:
+            raise CheckpointError(f"{version.name}: {exc}") from None
 
     def load_newest_intact(self) -> tuple[Version, UNet]:
         """Newest version that loads; falls back through history past corrupt files."""

@@ -21,7 +21,6 @@ and the network is trained on.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -39,9 +38,9 @@ from sdk.tiling import open_volume, plane_shape, to_uint8
 from sdk.tiling.grid import axis_index
 from sdk.tiling.output import Format, output_format  # noqa: F401 - re-exported for the script
 
-from .checkpoints import CheckpointError, atomic_write_bytes
+from .checkpoints import CheckpointError, atomic_write_bytes, load_checkpoint
 from .inference import predict_image
-from .network import UNet, UNetConfig, default_device, fuse_for_inference
+from .network import UNet, default_device, fuse_for_inference
 
 Kind = Literal["labels", "probs"]
 PROGRESS_SUFFIX = ".progress"
@@ -158,28 +157,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def load_checkpoint(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[UNet, str]:
-    """The network in a ``v<N>.pt`` file (``{"config", "state_dict"}``) and the file's SHA-256.
-
-    With ``sha256`` the file must still be the one the run was planned with.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256:
-        raise CheckpointError(f"checkpoint {path} changed since the run was planned (SHA-256 differs)")
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        net = UNet(UNetConfig(**payload["config"]))
-        net.load_state_dict(payload["state_dict"])
-    except Exception as exc:  # any decoding problem means the file is unusable
-        reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise CheckpointError(f"{path} is not a valid emloop checkpoint: {reason}") from None
-    return net.eval(), digest
 
 
 _NETS: dict[tuple[str, str, str], UNet] = {}

@@ -126,7 +126,7 @@ def test_file_with_valid_hash_but_bad_content_is_skipped(store: CheckpointStore)
     manifest = json.loads((store.root / "manifest.json").read_text())
     manifest["versions"][-1]["sha256"] = hashlib.sha256(junk).hexdigest()
     (store.root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="not a valid checkpoint"):
+    with pytest.raises(CheckpointError, match="not a valid emloop checkpoint"):
         store.load(store.latest())
     assert store.load_newest_intact()[0] == v1
 
