@@ -232,6 +232,15 @@ def retrieve_predictions(ls: LabelStudioServer, project_id: int, batch: int) -> 
     return sum(1 for t in tasks if (t.total_predictions or 0) > 0), len(tasks)
 
 
+def use_newest_predictions(ls: LabelStudioServer, project_id: int, backend: BackendServer) -> str:
+    """Point the project at the backend's newest version: uncertainty sampling only ranks the
+    predictions whose model_version equals the project's (connecting sets it to the title)."""
+    body = {"project": f"{project_id}.0", "schema": LABEL_CONFIG}
+    version = requests.post(f"{backend.url}/setup", json=body, timeout=10).json()["model_version"]
+    ls.client().projects.update(id=project_id, model_version=version)
+    return version
+
+
 def teach(ls: LabelStudioServer, project_id: int, masks_dir: Path, n: int) -> int:
     """Annotate `n` tasks with the generator's ground truth: Label Studio's webhooks start training."""
     client = ls.client()
@@ -370,6 +379,8 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             note(f"{done}/{total} tasks have predictions")
             if done < total:
                 failures.append(f"predictions: only {done}/{total} tasks")
+            version = use_newest_predictions(ls, project.id, backend)
+            note(f"project model version set to {version}: uncertainty sampling serves by its scores")
         except Exception as exc:
             failures.append(f"predictions: {exc}")
             note(f"WARNING: retrieving predictions failed: {exc} (see {backend.log_path})")
