@@ -8,6 +8,7 @@ Memory for the network is bounded by the tile size; the output is C x H x W floa
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,33 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, 
     return x, h, w
 
 
+def _tiles(
+    pixels: np.ndarray, th: int, tw: int, overlap: int, device: torch.device, multiple: int
+) -> Iterator[tuple[int, int, torch.Tensor, int, int]]:
+    """(y, x, padded channels-last batch of one tile, tile height, tile width) over the image."""
+    height, width = pixels.shape
+    for y in tile_starts(height, th, overlap):
+        for x in tile_starts(width, tw, overlap):
+            crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
+            batch, h, w = pad_to_multiple(crop[None, None].to(device), multiple)
+            yield y, x, batch.contiguous(memory_format=torch.channels_last), h, w
+
+
+@torch.inference_mode()
+def embed_image(net: UNet, image: np.ndarray, *, tile: int = 1024, overlap: int = 64) -> np.ndarray:
+    """Bottleneck embedding (D,) of an image of any size, area-weighted over tiles, without the
+    decoder; equal to `predict_image(..., with_embedding=True).embedding`."""
+    device = next(net.parameters()).device
+    pixels = normalize_image(image)
+    th, tw = min(tile, pixels.shape[0]), min(tile, pixels.shape[1])
+    total, area = None, 0
+    for _, _, batch, h, w in _tiles(pixels, th, tw, overlap, device, net.config.size_multiple):
+        emb = net.embed(batch)[0].float().cpu().numpy()
+        total = emb * (h * w) + (0 if total is None else total)
+        area += h * w
+    return (total / float(area)).astype(np.float32)
+
+
 @torch.inference_mode()
 def predict_image(
     net: UNet,
@@ -103,28 +131,24 @@ def predict_image(
     embedding_sum, area_sum, forward_seconds = None, 0, 0.0
     net.set_mc_dropout(mc_dropout)
     try:
-        for y in ys:
-            for x in xs:
-                crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
-                batch, h, w = pad_to_multiple(crop[None, None].to(device), net.config.size_multiple)
-                batch = batch.contiguous(memory_format=torch.channels_last)
-                started = time.perf_counter()
-                if with_embedding:
-                    logits, emb = net(batch, return_embedding=True)
-                    emb = emb[0].float().cpu().numpy()
-                    embedding_sum = emb * (h * w) + (0 if embedding_sum is None else embedding_sum)
-                    area_sum += h * w
-                else:
-                    logits = net(batch)
-                if logits.is_cuda:
-                    torch.cuda.synchronize()
-                forward_seconds += time.perf_counter() - started
-                probs = torch.softmax(logits[0, :, :h, :w].float(), dim=0).cpu().numpy()
-                if single:
-                    acc = probs
-                else:
-                    acc[:, y : y + h, x : x + w] += probs * window
-                    weight_sum[y : y + h, x : x + w] += window
+        for y, x, batch, h, w in _tiles(pixels, th, tw, overlap, device, net.config.size_multiple):
+            started = time.perf_counter()
+            if with_embedding:
+                logits, emb = net(batch, return_embedding=True)
+                emb = emb[0].float().cpu().numpy()
+                embedding_sum = emb * (h * w) + (0 if embedding_sum is None else embedding_sum)
+                area_sum += h * w
+            else:
+                logits = net(batch)
+            if logits.is_cuda:
+                torch.cuda.synchronize()
+            forward_seconds += time.perf_counter() - started
+            probs = torch.softmax(logits[0, :, :h, :w].float(), dim=0).cpu().numpy()
+            if single:
+                acc = probs
+            else:
+                acc[:, y : y + h, x : x + w] += probs * window
+                weight_sum[y : y + h, x : x + w] += window
     finally:
         net.set_mc_dropout(False)
     if not single:

@@ -37,14 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdk.atomic import atomic_write_bytes
 from sdk.priority import choose_strategy, heatmap_uri, heatmap_vmax
 from sdk.strategies import SCORE_STRATEGIES, STRATEGIES, reduce_pixels, select
 from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
 
-from .checkpoints import CheckpointStore, Version, atomic_write_bytes
+from .checkpoints import CheckpointStore, Version
 from .config import Settings
 from .images import ImageError, shared_fetcher
-from .inference import normalize_image, pad_to_multiple, predict_image, tile_starts
+from .inference import embed_image, normalize_image, pad_to_multiple, predict_image
 from .label_config import BrushTarget, parse_brush_target
 from .network import UNet, default_device
 from .predictions import brush_results, label_map
@@ -216,18 +217,7 @@ class _Passes:
         if len(group) > 1 or self.fits_one_tile(group[0]):
             x, _, _ = self.batch(group)
             return self.net.embed(x).float().cpu().numpy()
-        pixels = normalize_image(group[0])
-        height, width = pixels.shape
-        th, tw = min(self.tile, height), min(self.tile, width)
-        total, area = None, 0
-        for y in tile_starts(height, th, self.overlap):
-            for x0 in tile_starts(width, tw, self.overlap):
-                crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x0 : x0 + tw]))
-                x, h, w = pad_to_multiple(crop[None, None].to(self.device), self.net.config.size_multiple)
-                emb = self.net.embed(x.contiguous(memory_format=torch.channels_last))[0].float().cpu().numpy()
-                total = emb * (h * w) + (0 if total is None else total)
-                area += h * w
-        return (total / float(area)).astype(np.float32)[None]
+        return embed_image(self.net, group[0], tile=self.tile, overlap=self.overlap)[None]
 
     def run(self, group: list[np.ndarray], *, det: bool, mc_samples: int, keep_mc: bool) -> list[_Outputs]:
         if not det and mc_samples == 0:

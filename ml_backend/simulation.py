@@ -16,8 +16,8 @@ run resumes where it stopped.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdk.atomic import atomic_write_bytes
 from sdk.strategies import STRATEGIES, ceal_threshold, select, select_ceal
 from sdk.tiling import open_volume, patch_grid, read_patch
 
@@ -167,10 +168,9 @@ def read_results(path: Path) -> list[Row]:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class Simulation:

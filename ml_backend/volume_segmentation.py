@@ -34,11 +34,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sdk.atomic import atomic_write_bytes
 from sdk.tiling import open_volume, plane_shape, to_uint8
 from sdk.tiling.grid import axis_index
 from sdk.tiling.output import Format, output_format  # noqa: F401 - re-exported for the script
 
-from .checkpoints import CheckpointError, atomic_write_bytes, load_checkpoint
+from .checkpoints import CheckpointError, load_checkpoint
 from .inference import predict_image
 from .network import UNet, default_device, fuse_for_inference
 

@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 
 from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target  # noqa: E402
+from sdk.atomic import atomic_write_bytes  # noqa: E402
 from sdk.cli import run_main  # noqa: E402
 from sdk.labelstudio import (  # noqa: E402
     LabelStudioAPI,
@@ -184,13 +185,6 @@ def ensure_local_storage(api: LabelStudioAPI, project_id: int, folder: Path) -> 
 
 
 # -- the push ----------------------------------------------------------------------------------------------
-def write_atomic(path: Path, data: bytes) -> None:
-    """Label Studio may serve the file any moment: never let it see half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def local_folder(args: argparse.Namespace, volume_id: str) -> tuple[Path, Path]:
     root = args.document_root.resolve()
     if args.subdir:
@@ -251,7 +245,7 @@ def push(args: argparse.Namespace) -> str:
                 else:
                     refs = {}
                     for name, data in pngs.items():
-                        write_atomic(folder / name, data)
+                        atomic_write_bytes(folder / name, data)
                         refs[name] = "/data/local-files/?d=" + quote(
                             (folder / name).relative_to(root).as_posix()
                         )

@@ -166,9 +166,7 @@ def rle_to_mask(rle: Sequence[int] | np.ndarray | bytes, height: int, width: int
     return np.repeat(values, npix).reshape(height, width)
 
 
-def _block_starts(
-    window: np.ndarray, word_size: int, rle_sizes: tuple[int, ...]
-) -> tuple[np.ndarray, int]:
+def _block_starts(window: np.ndarray, word_size: int, rle_sizes: tuple[int, ...]) -> tuple[np.ndarray, int]:
     """Bit offsets of the blocks after the header, and where the last one ends.
 
     Blocks have data-dependent lengths, so finding them is inherently sequential. The sequential
@@ -184,9 +182,7 @@ def _block_starts(
     # block too long for the table, handled below in Python.
     shift = np.arange(8)[:, None]
     advance = shift + lengths
-    step = np.where(
-        lengths >= 0, (advance & 7) * nbytes + (advance >> 3), big + shift * nbytes
-    ).astype(dtype)
+    step = np.where(lengths >= 0, (advance & 7) * nbytes + (advance >> 3), big + shift * nbytes).astype(dtype)
     keys = np.empty(nbytes, np.int64)
     col = np.arange(nbytes, dtype=dtype)
     nxt = np.empty((8, nbytes), dtype)

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
+from sdk.atomic import atomic_write_bytes
 from sdk.labelstudio import LabelStudioAPI
 
 if TYPE_CHECKING:
@@ -486,13 +487,8 @@ class LabelStudioServer(ManagedProcess):
         )
 
     def _save_credentials(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        path = self.data_dir / CREDENTIALS_FILE
-        tmp = path.with_suffix(".tmp")
         data = {"username": self.username, "password": self.password, "token": self.token}
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        atomic_write_bytes(self.data_dir / CREDENTIALS_FILE, json.dumps(data, indent=2).encode(), mode=0o600)
 
     # -- lifecycle
     @property

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_backend.checkpoints import CheckpointError, CheckpointStore, atomic_write_bytes, version_name
+from ml_backend.checkpoints import CheckpointError, CheckpointStore, version_name
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNet, UNetConfig, build_unet
 from ml_backend.registry import ModelRegistry
+from sdk.atomic import atomic_write_bytes
 
 CONFIG = """
 <View><Image name="img" value="$image"/>
