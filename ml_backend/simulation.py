@@ -57,8 +57,8 @@ class SimConfig:
     full_steps: int = 1000
     min_steps: int = 30
     check_every: int = 10
-    patience: int = 3
-    val_patches: int = 16
+    patience: int = 4
+    val_patches: int = 48
     mc_samples: int = 8
     ceal_delta0: float = 0.05
     ceal_decay: float = 0.005
@@ -78,6 +78,7 @@ class SimConfig:
             min_steps=min(self.min_steps, steps),
             check_every=self.check_every,
             patience=self.patience,
+            val_crops=self.val_patches,
             seed=seed,
         )
 

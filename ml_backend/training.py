@@ -34,7 +34,21 @@ class TrainConfig:
     min_steps: int = 50
     check_every: int = 25
     patience: int = 4
+    val_crops: int = 32  # validation crops, spread over every validation image
     seed: int = 0
+
+
+def _random_crop(
+    image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size crop at a random position; smaller images are padded with IGNORE labels."""
+    ph, pw = max(0, size - image.shape[0]), max(0, size - image.shape[1])
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw)), mode="constant")
+        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE)
+    y = int(rng.integers(image.shape[0] - size + 1))
+    x = int(rng.integers(image.shape[1] - size + 1))
+    return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
 
 
 def sample_patches(
@@ -52,19 +66,29 @@ def sample_patches(
     ys = np.empty((count, size, size), np.int64)
     for i in range(count):
         k = int(rng.integers(len(images)))
-        image, mask = images[k], masks[k]
-        ph, pw = max(0, size - image.shape[0]), max(0, size - image.shape[1])
-        if ph or pw:
-            image = np.pad(image, ((0, ph), (0, pw)), mode="constant")
-            mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE)
-        y = int(rng.integers(image.shape[0] - size + 1))
-        x = int(rng.integers(image.shape[1] - size + 1))
-        img, lab = image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+        img, lab = _random_crop(images[k], masks[k], size, rng)
         turns = int(rng.integers(4))
         img, lab = np.rot90(img, turns), np.rot90(lab, turns)
         if rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
         xs[i, 0], ys[i] = img, lab
+    return xs, ys
+
+
+def validation_patches(
+    images: Sequence[np.ndarray], masks: Sequence[np.ndarray], size: int, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count` crops taken from the images in turn (at least one each), at fixed positions.
+
+    Every validation image counts and the set is the same at every check and every run,
+    so early stopping follows the model, not the luck of which crops were drawn.
+    """
+    rng = np.random.default_rng(12345)
+    count = max(count, len(images))
+    xs = np.empty((count, 1, size, size), np.float32)
+    ys = np.empty((count, size, size), np.int64)
+    for i in range(count):
+        xs[i, 0], ys[i] = _random_crop(images[i % len(images)], masks[i % len(images)], size, rng)
     return xs, ys
 
 
@@ -79,6 +103,19 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     denom = (probs + onehot).sum(dim=(0, 2, 3))[1:]
     dice = (2 * inter + 1.0) / (denom + 1.0)
     return ce + (1.0 - dice.mean())
+
+
+def _validation_loss(net: UNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
+    """Crop-weighted mean of the loss over chunks (bounded memory for large validation sets)."""
+    net.eval()
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), chunk):
+            n = len(x[i : i + chunk])
+            total += float(segmentation_loss(net(x[i : i + chunk]), y[i : i + chunk])) * n
+            weight += n
+    net.train()
+    return total / weight
 
 
 def fine_tune(
@@ -107,9 +144,7 @@ def fine_tune(
     val_pixels = [normalize_image(im) for im in val_images]
     val_batch = None
     if val_pixels:
-        vx, vy = sample_patches(
-            val_pixels, list(val_masks), config.patch_size, 8, np.random.default_rng(12345)
-        )
+        vx, vy = validation_patches(val_pixels, list(val_masks), config.patch_size, config.val_crops)
         val_batch = (torch.from_numpy(vx).to(device), torch.from_numpy(vy).to(device))
     net.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -126,10 +161,7 @@ def fine_tune(
         if progress:
             progress(step, config.max_steps, loss_value)
         if val_batch is not None and step % config.check_every == 0:
-            net.eval()
-            with torch.no_grad():
-                val_loss = float(segmentation_loss(net(val_batch[0]), val_batch[1]))
-            net.train()
+            val_loss = _validation_loss(net, *val_batch, chunk=2 * config.batch_size)
             if val_loss < best[0] - 1e-4:
                 best, checks_without_gain = (val_loss, copy.deepcopy(net.state_dict()), step), 0
             else:

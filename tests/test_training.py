@@ -20,6 +20,7 @@ from ml_backend.training import (
     sample_patches,
     scores_from_counts,
     segmentation_loss,
+    validation_patches,
 )
 from sdk.brush import mask_to_rle
 
@@ -142,10 +143,28 @@ def test_fine_tune_with_validation_keeps_best_weights() -> None:
     summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
     assert summary["best_step"] in (3, 6, 9, 12) and summary["best_step"] <= summary["steps"]
     # The network returned is the one with the best validation loss (recomputed the same way).
-    vx, vy = sample_patches([normalize_image(val_image)], [val_mask], 32, 8, np.random.default_rng(12345))
+    vx, vy = validation_patches([normalize_image(val_image)], [val_mask], 32, config.val_crops)
+    x, y, chunk = torch.from_numpy(vx), torch.from_numpy(vy), 2 * config.batch_size
     with torch.no_grad():
-        val_loss = float(segmentation_loss(net(torch.from_numpy(vx)), torch.from_numpy(vy)))
-    assert val_loss == pytest.approx(summary["best_val_loss"], rel=1e-5)
+        losses = [
+            float(segmentation_loss(net(x[i : i + chunk]), y[i : i + chunk])) * len(x[i : i + chunk])
+            for i in range(0, len(x), chunk)
+        ]
+    assert sum(losses) / len(x) == pytest.approx(summary["best_val_loss"], rel=1e-5)
+
+
+def test_validation_patches_cover_every_image_at_fixed_positions() -> None:
+    images = [np.full((40, 50), k, np.float32) for k in range(5)]
+    masks = [np.full((40, 50), k, np.uint8) for k in range(5)]
+    masks[4] = masks[4][:20, :20]  # smaller than the crop: padded with IGNORE
+    images[4] = images[4][:20, :20]
+    xs, ys = validation_patches(images, masks, 32, 3)
+    assert xs.shape == (5, 1, 32, 32)  # at least one crop per image, even when count is smaller
+    assert [int(x[0, 0, 0]) for x in xs] == [0, 1, 2, 3, 4]
+    assert (ys[4][20:, :] == IGNORE).all() and (ys[4][:20, :20] == 4).all()
+    again = validation_patches(images, masks, 32, 3)
+    assert np.array_equal(xs, again[0]) and np.array_equal(ys, again[1])
+    assert len(validation_patches(images, masks, 32, 12)[0]) == 12
 
 
 def test_fine_tune_needs_images() -> None:
