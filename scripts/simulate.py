@@ -31,9 +31,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import platform
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +46,15 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ml_backend.simulation import FULL, RESULTS, SimConfig, Simulation, load_vnc, read_results  # noqa: E402
+from ml_backend.simulation import (  # noqa: E402
+    FULL,
+    RESULTS,
+    SimConfig,
+    Simulation,
+    load_vnc,
+    read_results,
+    run_parallel,
+)
 from sdk.cli import run_main  # noqa: E402
 from sdk.strategies import STRATEGIES  # noqa: E402
 
@@ -82,6 +94,7 @@ OPTIONS = {  # CLI option -> SimConfig field
     "crop": "crop",
 }
 BEGIN, END = "<!-- simulation:begin -->", "<!-- simulation:end -->"
+RUNS = "runs.jsonl"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -106,7 +119,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             default=None,
             help=f"default {getattr(defaults, name)} ({PAPER.get(name, getattr(defaults, name))} --full)",
         )
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPU processes running chains side by side, one per core (default: %(default)s, this "
+        "machine's cores; ignored on a GPU)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
     parser.add_argument("--report", action="store_true", help="only write the report from OUT/results.jsonl")
     parser.add_argument("--readme", type=Path, default=DEFAULT_README, help="report target (%(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -126,22 +146,72 @@ def simulate(args: argparse.Namespace) -> str:
 
     torch.set_num_threads(max(1, args.threads))
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    if args.seeds < 1:
-        raise ValueError("--seeds must be >= 1")
+    if args.seeds < 1 or args.jobs < 1:
+        raise ValueError("--seeds and --jobs must be >= 1")
     seeds = list(range(args.seeds))
     config = make_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    jobs = args.jobs if device.type == "cpu" else 1
     sim = Simulation(args.out, config, load_vnc(args.data, config), device=device)
     done, total = sim.work(strategies, seeds)
+    started = time.time()
     with tqdm(total=total, initial=done, desc="simulation", unit="round", disable=args.quiet) as bar:
 
-        def on_step(strategy: str, seed: int, round_: int) -> None:
-            finished, _ = sim.work(strategies, seeds)
-            bar.set_postfix_str(f"{strategy} seed {seed} round {round_}")
-            bar.update(finished - bar.n)
+        def on_step(strategy: str = "", seed: int = 0, round_: int = 0) -> None:
+            if jobs > 1:  # rows come from the worker processes
+                sim.done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(sim.results)}
+            else:
+                bar.set_postfix_str(f"{strategy} seed {seed} round {round_}")
+            bar.update(sim.work(strategies, seeds)[0] - bar.n)
 
-        sim.run(strategies, seeds, on_step=on_step)
+        if jobs > 1:
+            run_parallel(
+                args.out,
+                config,
+                args.data,
+                strategies,
+                seeds,
+                jobs=jobs,
+                threads=args.threads,
+                on_poll=on_step,
+            )
+            on_step()
+        else:
+            sim.run(strategies, seeds, on_step=on_step)
+    record_run(args.out, started, total - done, jobs, args.threads, device)
     return f"{total - done} of {total} rounds run; results in {args.out / RESULTS}"
+
+
+def record_run(out: Path, started: float, rounds: int, jobs: int, threads: int, device: object) -> None:
+    """Append this invocation's wall time and machine to OUT/runs.jsonl (the report sums them)."""
+    import torch
+
+    if not rounds:
+        return
+    row = {
+        "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.time() - started, 1),
+        "rounds": rounds,
+        "jobs": jobs,
+        "threads": threads,
+        "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    with (out / RUNS).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -315,6 +385,25 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(sorted(rows, key=lambda r: (r["strategy"], r["seed"], r["round"])))
 
 
+def run_summary(runs: list[dict]) -> list[str]:
+    """The wall time and machine of the invocations that produced the results."""
+    if not runs:
+        return []
+    wall = sum(r["wall_seconds"] for r in runs)
+    machines = sorted(
+        {
+            f"{r['cores']} cores ({r['cpu']}), {r['jobs']} process(es) x {r['threads']} torch thread(s), "
+            f"device {r['device']}, Python {r['python']}, torch {r['torch']}"
+            for r in runs
+        }
+    )
+    return [
+        f"Wall time: {wall / 3600:.2f} h ({wall:.0f} s) in {len(runs)} invocation(s), "
+        f"{sum(r['rounds'] for r in runs)} rounds; machine: {'; '.join(machines)}.",
+        "",
+    ]
+
+
 def report(args: argparse.Namespace) -> str:
     rows = read_results(args.out / RESULTS)
     if not rows:
@@ -333,6 +422,7 @@ def report(args: argparse.Namespace) -> str:
             f"Results of `{shown / RESULTS}` ({len(rows)} rows; {settings}). "
             f"Curve: `{shown / 'learning_curve.png'}`.",
             "",
+            *run_summary(read_results(args.out / RUNS)),
             markdown(rows),
             END,
         ]

@@ -21,6 +21,7 @@ from ml_backend.training import (
     scores_from_counts,
     segmentation_loss,
     validation_patches,
+    validation_score,
 )
 from sdk.brush import mask_to_rle
 
@@ -141,16 +142,11 @@ def test_fine_tune_with_validation_keeps_best_weights() -> None:
         patch_size=32, batch_size=2, max_steps=12, min_steps=4, check_every=3, patience=2, learning_rate=1e-2
     )
     summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
-    assert summary["best_step"] in (3, 6, 9, 12) and summary["best_step"] <= summary["steps"]
+    assert summary["best_step"] in (0, 3, 6, 9, 12) and summary["best_step"] <= summary["steps"]
     # The network returned is the one with the best validation loss (recomputed the same way).
     vx, vy = validation_patches([normalize_image(val_image)], [val_mask], 32, config.val_crops)
-    x, y, chunk = torch.from_numpy(vx), torch.from_numpy(vy), 2 * config.batch_size
-    with torch.no_grad():
-        losses = [
-            float(segmentation_loss(net(x[i : i + chunk]), y[i : i + chunk])) * len(x[i : i + chunk])
-            for i in range(0, len(x), chunk)
-        ]
-    assert sum(losses) / len(x) == pytest.approx(summary["best_val_loss"], rel=1e-5)
+    score = validation_score(net, torch.from_numpy(vx), torch.from_numpy(vy), chunk=2 * config.batch_size)
+    assert score == pytest.approx(summary["best_val_score"], rel=1e-6) and 0.0 <= score <= 1.0
 
 
 def test_validation_patches_cover_every_image_at_fixed_positions() -> None:
@@ -354,3 +350,18 @@ def test_mask_cache_is_bounded() -> None:
     assert cache.decoded == 3
     cache.get(annotations[0], TARGET, (16, 16))  # evicted: decoded again
     assert cache.decoded == 4
+
+
+def test_fine_tune_never_returns_weights_worse_than_its_start() -> None:
+    images, masks = zip(*(discs(seed, 48) for seed in range(2)), strict=True)
+    val_image, val_mask = discs(50, 48)
+    net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=1)
+    fine_tune(net, images, masks, TrainConfig(patch_size=32, batch_size=2, max_steps=40, learning_rate=1e-2))
+    start = {k: v.clone() for k, v in net.named_parameters()}
+    # A learning rate this large wrecks the weights at the first step; validation must notice.
+    config = TrainConfig(
+        patch_size=32, batch_size=2, max_steps=6, min_steps=2, check_every=2, learning_rate=1e3
+    )
+    summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
+    assert summary["best_step"] == 0 and summary["steps"] == 6
+    assert all(torch.equal(start[k], v) for k, v in net.named_parameters())
