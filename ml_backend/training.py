@@ -132,28 +132,29 @@ def recalibrate_batchnorm(net: nn.Module, xs: np.ndarray, device: torch.device, 
     net.train(was_training)
 
 
-def validation_score(net: UNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> float:
-    """Higher is better: foreground IoU of the validation crops, pooled over all their pixels.
+def validation_score(net: UNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """(foreground IoU pooled over the crops, −loss): compared in that order, higher is better.
 
     IoU is the number the user sees, and on sparse organelles the loss can fall while the
-    thresholded masks get worse. Validation crops without any foreground have no IoU to
-    give, so there the negated loss (crop-weighted over chunks) decides instead.
+    thresholded masks get worse. The loss breaks ties, which carries training through the
+    first steps from scratch (IoU 0 while everything is background) and decides alone when
+    the validation crops hold no foreground (IoU counted as 0).
     """
     n_classes = net.config.n_classes
-    use_iou = bool(((y > 0) & (y != IGNORE)).any())
     counts, loss = np.zeros((n_classes, 3), np.int64), 0.0
     net.eval()
     with torch.no_grad():
         for i in range(0, len(x), chunk):
             logits, target = net(x[i : i + chunk]), y[i : i + chunk]
-            if use_iou:
-                counts += confusion_counts(
-                    logits.argmax(dim=1).cpu().numpy(), target.cpu().numpy(), n_classes
-                )
-            else:
-                loss += float(segmentation_loss(logits, target)) * len(target)
+            counts += confusion_counts(logits.argmax(dim=1).cpu().numpy(), target.cpu().numpy(), n_classes)
+            loss += float(segmentation_loss(logits, target)) * len(target)
     net.train()
-    return scores_from_counts(counts)["iou"] if use_iou else -loss / len(x)
+    iou = scores_from_counts(counts)["iou"] if counts[1:, 2].any() else 0.0
+    return iou, -loss / len(x)
+
+
+def _improves(score: tuple[float, float], best: tuple[float, float], tol: float = 1e-4) -> bool:
+    return score[0] > best[0] + tol or (score[0] >= best[0] - tol and score[1] > best[1] + tol)
 
 
 def fine_tune(
@@ -191,13 +192,13 @@ def fine_tune(
         pixels, list(masks), config.patch_size, config.bn_patches, np.random.default_rng(config.seed + 1)
     )
 
-    def checkpoint() -> tuple[float, dict]:
+    def checkpoint() -> tuple[tuple[float, float], dict]:
         assert val_batch is not None
         recalibrate_batchnorm(net, bn_x, device)
         score = validation_score(net, *val_batch, chunk=2 * config.batch_size)
         return score, copy.deepcopy(net.state_dict())
 
-    best = (-math.inf, {}, 0)
+    best: tuple[tuple[float, float], dict, int] = ((-math.inf, -math.inf), {}, 0)
     if val_batch is not None:  # the starting weights are a candidate: fine-tuning never makes them worse
         best = (*checkpoint(), 0)
     net.train()
@@ -215,7 +216,7 @@ def fine_tune(
             progress(step, config.max_steps, loss_value)
         if val_batch is not None and step % config.check_every == 0:
             score, weights = checkpoint()
-            if score > best[0] + 1e-4:
+            if _improves(score, best[0]):
                 best, checks_without_gain = (score, weights, step), 0
             else:
                 checks_without_gain += 1
@@ -226,7 +227,7 @@ def fine_tune(
     else:
         recalibrate_batchnorm(net, bn_x, device)
     net.eval()
-    return {"steps": step, "final_loss": loss_value, "best_val_score": best[0], "best_step": best[2]}
+    return {"steps": step, "final_loss": loss_value, "best_val_iou": best[0][0], "best_step": best[2]}
 
 
 def confusion_counts(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:

@@ -5,18 +5,20 @@ The papers' protocol (Roels & Saeys) with the project's own U-Net, strategies an
 training code: the stack is split halfway along y; a pool of --pool 2-D patches comes
 from the top half; each strategy starts from the same --initial random patches and the
 same initial model (per seed), then every round selects --batch patches, adds them,
-fine-tunes from the previous round's weights (early stopping on --val-patches held-out
-validation patches, at most --round-steps steps) and measures IoU on the whole bottom
-half. A model trained on the whole pool gives the full-supervision reference.
+fine-tunes from the previous round's weights and measures IoU on the whole bottom half.
+A model trained on the whole pool gives the full-supervision reference.
 
-Default (CPU) scaling, for all 9 strategies x 3 seeds in < 2 h on 2 shared cores (one
-torch thread; measured: 0.12 s per training step, 4.2 s per test-half evaluation,
-10 ms/patch to score entropy, 42 ms/patch for BALD with 8 MC samples):
-pool 400, initial 10, batch 10, 10 rounds (110 labelled = 27 % of the pool, like the
-papers' 520 of 2000), U-Net base_channels 8 depth 3, patches 128, <= 100 steps a round.
-See benchmarks/README.md for the arithmetic. --full uses the papers' sizes (pool 2000,
-initial 20, batch 20, 25 rounds) and the project's default U-Net (16 channels, depth 4):
-meant for a GPU.
+Convergence, not a fixed step count: every 20 steps the BatchNorm statistics are
+re-estimated on training patches and the model is scored (IoU) on --val-patches fixed
+held-out patches; a round keeps its best-scoring weights (the previous round's included)
+and stops after 3 checks without gain, or at --round-steps.
+
+Default (CPU) scaling, for all 9 strategies x 3 seeds in < 2 h on 2 cores: pool 400,
+initial 10, batch 10, 10 rounds (110 labelled = 27 % of the pool, like the papers' 520
+of 2000), U-Net base_channels 8 depth 3, patches 128, <= 200 steps a round; chains run
+side by side in --jobs processes of one torch thread each. See benchmarks/README.md for
+the measured costs. --full uses the papers' sizes (pool 2000, initial 20, batch 20,
+25 rounds) and the project's default U-Net (16 channels, depth 4): meant for a GPU.
 
 Results are appended per (strategy, seed, round) to OUT/results.jsonl; a re-run with
 the same options skips finished rounds and continues each chain from its saved weights

@@ -146,7 +146,7 @@ def test_fine_tune_with_validation_keeps_best_weights() -> None:
     # The network returned is the one with the best validation loss (recomputed the same way).
     vx, vy = validation_patches([normalize_image(val_image)], [val_mask], 32, config.val_crops)
     score = validation_score(net, torch.from_numpy(vx), torch.from_numpy(vy), chunk=2 * config.batch_size)
-    assert score == pytest.approx(summary["best_val_score"], rel=1e-6) and 0.0 <= score <= 1.0
+    assert score[0] == pytest.approx(summary["best_val_iou"], rel=1e-6) and 0.0 <= score[0] <= 1.0
 
 
 def test_validation_patches_cover_every_image_at_fixed_positions() -> None:
@@ -365,3 +365,16 @@ def test_fine_tune_never_returns_weights_worse_than_its_start() -> None:
     summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
     assert summary["best_step"] == 0 and summary["steps"] == 6
     assert all(torch.equal(start[k], v) for k, v in net.named_parameters())
+
+
+def test_validation_iou_decides_and_the_loss_breaks_ties() -> None:
+    from ml_backend.training import _improves
+
+    assert _improves((0.5, -2.0), (0.4, -0.1))  # higher IoU wins even with a higher loss
+    assert not _improves((0.4, -0.1), (0.5, -2.0))
+    assert _improves((0.0, -0.5), (0.0, -0.9))  # all background so far: the loss tells progress
+    assert not _improves((0.0, -0.9), (0.0, -0.9))
+    net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=0)
+    x, y = torch.zeros(3, 1, 32, 32), torch.zeros(3, 32, 32, dtype=torch.long)
+    iou, negative_loss = validation_score(net, x, y, chunk=2)
+    assert iou == 0.0 and negative_loss < 0  # no foreground to score: only the loss counts
