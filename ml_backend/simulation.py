@@ -230,7 +230,16 @@ class Simulation:
     def _evaluate(self, net: UNet) -> dict:
         return evaluate(net, self.data.test_images, self.data.test_masks, tile=self.config.eval_tile)
 
-    def _train(self, net: UNet, pool: Pool, images: Sequence, masks: Sequence, steps: int, seed: int) -> dict:
+    def _train(
+        self,
+        net: UNet,
+        pool: Pool,
+        images: Sequence,
+        masks: Sequence,
+        steps: int,
+        seed: int,
+        fresh: bool = False,
+    ) -> dict:
         return fine_tune(
             net,
             list(images),
@@ -239,6 +248,7 @@ class Simulation:
             val_images=pool.val_images,
             val_masks=pool.val_masks,
             device=self.device,
+            keep_start=not fresh,
         )
 
     # -- the protocol -----------------------------------------------------------------------
@@ -251,7 +261,7 @@ class Simulation:
             labeled = select("random", self.config.initial, n=len(pool.images), seed=seed).tolist()
             net = build_unet(self.config.unet(), seed=seed).to(self.device)
             images, masks = pool.images[labeled], pool.masks[labeled]
-            info = self._train(net, pool, images, masks, self.config.initial_steps, seed * 1000)
+            info = self._train(net, pool, images, masks, self.config.initial_steps, seed * 1000, fresh=True)
             row = self._row("initial", seed, 0, len(labeled), self._evaluate(net), info, started)
             state = {"round": 0, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
             _atomic_save(state, self._state_path("initial", seed))

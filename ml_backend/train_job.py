@@ -114,6 +114,7 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
         val_masks=hold_masks,
         device=device,
         progress=progress,
+        keep_start=parent is not None,
     )
     after = evaluate(net, hold_images, hold_masks) if hold_idx else None
     metrics = {

@@ -167,13 +167,16 @@ def fine_tune(
     val_masks: Sequence[np.ndarray] = (),
     device: torch.device | None = None,
     progress: Progress | None = None,
+    keep_start: bool = True,
 ) -> dict:
     """Train `net` in place from its current weights; returns a summary.
 
     With validation images, keeps the weights of the best `validation_score` (the
-    starting weights included, so new labels that do not help cannot make the model
-    worse; `best_step` 0 then) and stops after `patience` checks without improvement
-    (convergence, not a fixed budget); without them, runs `max_steps`.
+    starting weights included when `keep_start`, so new labels that do not help cannot
+    make a trained model worse; `best_step` 0 then; pass False for a fresh network, whose
+    random guesses can outscore its first all-background steps) and stops after `patience`
+    checks without improvement (convergence, not a fixed budget); without them, runs
+    `max_steps`.
     """
     if not images:
         raise ValueError("no labelled images to train on")
@@ -199,7 +202,7 @@ def fine_tune(
         return score, copy.deepcopy(net.state_dict())
 
     best: tuple[tuple[float, float], dict, int] = ((-math.inf, -math.inf), {}, 0)
-    if val_batch is not None:  # the starting weights are a candidate: fine-tuning never makes them worse
+    if val_batch is not None and keep_start:  # fine-tuning never returns worse than it started
         best = (*checkpoint(), 0)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
