@@ -217,7 +217,7 @@ def fine_tune(
         loss_value = float(loss.detach())
         if progress:
             progress(step, config.max_steps, loss_value)
-        if val_batch is not None and step % config.check_every == 0:
+        if val_batch is not None and (step % config.check_every == 0 or step == config.max_steps):
             score, weights = checkpoint()
             if _improves(score, best[0]):
                 best, checks_without_gain = (score, weights, step), 0
