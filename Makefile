@@ -11,11 +11,12 @@ LS_VERSION ?= 1.23.2
 PYTEST_FLAGS ?= -q -ra --timeout=300 --durations=10
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+SIM_ARGS ?=
 
 VENV_STAMP := $(VENV)/.emloop-installed
 LS_STAMP := $(LS_VENV)/.label-studio-$(LS_VERSION)-installed
 
-.PHONY: all venv ls-venv demo test lint bench clean distclean help
+.PHONY: all venv ls-venv demo test lint bench simulate clean distclean help
 
 all: venv ls-venv
 
@@ -26,6 +27,7 @@ help:
 	@echo "make test      - pytest (PYTEST_ARGS='-k name' / PYTEST_FLAGS to change flags)"
 	@echo "make lint      - ruff check"
 	@echo "make bench     - run every benchmarks/bench_*.py"
+	@echo "make simulate  - active-learning simulation on ../shared/data/vnc, then its report (SIM_ARGS='--out=DIR --seeds 5'; options: scripts/simulate.py --help)"
 	@echo "make clean     - remove caches, demo state and build outputs (keeps the venvs)"
 	@echo "make distclean - clean, and remove the venvs"
 
@@ -56,6 +58,10 @@ test: venv ls-venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+simulate: venv
+	$(VENV)/bin/python scripts/simulate.py $(SIM_ARGS)
+	$(VENV)/bin/python scripts/simulate.py --report $(filter --out=% --readme=%,$(SIM_ARGS))
 
 bench: venv
 	@set -e; found=0; for f in benchmarks/bench_*.py; do \

@@ -248,7 +248,7 @@ def budget_to_reach(budgets: list[int], means: list[float], target: float) -> fl
     return None
 
 
-def markdown(rows: list[dict], max_columns: int = 8) -> str:
+def markdown(rows: list[dict], max_columns: int = 12) -> str:
     table, full = curves(rows)
     strategies = [s for s in STRATEGIES if s in table] + sorted(set(table) - set(STRATEGIES))
     budgets = sorted({b for s in table.values() for b in s})
@@ -264,14 +264,24 @@ def markdown(rows: list[dict], max_columns: int = 8) -> str:
         lines += ["", f"Full supervision (whole pool): IoU {fmt(list(full.values()))}."]
     if "random" in table:
         rand = table["random"]
-        lines += ["", "Gain over random at equal budget (paired by seed, mean ± sd):", "", head, rule]
+        lines += [
+            "",
+            "Gain over random at equal budget (IoU difference paired by seed, mean ± sd; in brackets "
+            "relative to random's mean IoU):",
+            "",
+            head,
+            rule,
+        ]
         for s in strategies:
             if s == "random":
                 continue
             cells = []
             for b in shown:
                 seeds = sorted(set(table[s][b]) & set(rand.get(b, {})))
-                cells.append(fmt([table[s][b][k] - rand[b][k] for k in seeds]))
+                gains = [table[s][b][k] - rand[b][k] for k in seeds]
+                base = float(np.mean([rand[b][k] for k in seeds])) if seeds else 0.0
+                relative = f" ({100 * np.mean(gains) / base:+.0f} %)" if gains and base > 0 else ""
+                cells.append(fmt(gains) + relative)
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         final = max(rand)
         target = float(np.mean(list(rand[final].values())))
