@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from sdk.atomic import atomic_write_bytes
-from sdk.strategies import STRATEGIES, ceal_threshold, select, select_ceal
+from sdk.strategies import ceal_threshold, check_strategy, select, select_ceal
 from sdk.tiling import open_volume, patch_grid, read_patch
 
 from .network import UNet, UNetConfig, build_unet
@@ -239,7 +239,7 @@ class Simulation:
         steps: int,
         seed: int,
         *,
-        fresh: bool = False,
+        keep_start: bool = True,
         min_steps: int | None = None,
     ) -> dict:
         return fine_tune(
@@ -250,7 +250,7 @@ class Simulation:
             val_images=pool.val_images,
             val_masks=pool.val_masks,
             device=self.device,
-            keep_start=not fresh,
+            keep_start=keep_start,
         )
 
     # -- the protocol -----------------------------------------------------------------------
@@ -263,7 +263,9 @@ class Simulation:
             labeled = select("random", self.config.initial, n=len(pool.images), seed=seed).tolist()
             net = build_unet(self.config.unet(), seed=seed).to(self.device)
             images, masks = pool.images[labeled], pool.masks[labeled]
-            info = self._train(net, pool, images, masks, self.config.initial_steps, seed * 1000, fresh=True)
+            info = self._train(
+                net, pool, images, masks, self.config.initial_steps, seed * 1000, keep_start=False
+            )
             row = self._row("initial", seed, 0, len(labeled), self._evaluate(net), info, started)
             state = {"round": 0, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
             _atomic_save(state, self._state_path("initial", seed))
@@ -372,7 +374,8 @@ class Simulation:
     ) -> None:
         """All chains round by round (every strategy and seed advance together), then the references."""
         strategies, seeds = list(strategies), list(seeds)
-        self._check_strategies(strategies)
+        for strategy in strategies:
+            check_strategy(strategy)
         for round_ in range(self.config.rounds + 1):
             for seed in seeds:
                 for strategy in strategies:
@@ -383,14 +386,6 @@ class Simulation:
             self.full(seed)
             if on_step:
                 on_step(FULL, seed, 0)
-
-    @staticmethod
-    def _check_strategies(strategies: Sequence[str]) -> None:
-        unknown = sorted(set(strategies) - set(STRATEGIES))
-        if unknown:
-            raise ValueError(
-                f"unknown strategy {', '.join(unknown)}; valid strategies: {', '.join(STRATEGIES)}"
-            )
 
     def chain(self, strategy: str, seed: int) -> None:
         """Every round of one chain (FULL: the full-supervision reference of the seed)."""
@@ -450,7 +445,8 @@ def run_parallel(
     """`Simulation.run` over `jobs` CPU processes: the seeds' initial models, then every chain."""
     import multiprocessing
 
-    Simulation._check_strategies(strategies)
+    for strategy in strategies:
+        check_strategy(strategy)
     initial = [("initial", seed) for seed in seeds]
     chains = [(s, seed) for seed in seeds for s in [*strategies, FULL]]
     chains.sort(key=lambda t: -COST.get(t[0], 1.0))  # longest first: the last process idles least

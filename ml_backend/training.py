@@ -195,15 +195,14 @@ def fine_tune(
         pixels, list(masks), config.patch_size, config.bn_patches, np.random.default_rng(config.seed + 1)
     )
 
-    def checkpoint() -> tuple[tuple[float, float], dict]:
+    def score() -> tuple[float, float]:
         assert val_batch is not None
         recalibrate_batchnorm(net, bn_x, device)
-        score = validation_score(net, *val_batch, chunk=2 * config.batch_size)
-        return score, copy.deepcopy(net.state_dict())
+        return validation_score(net, *val_batch, chunk=2 * config.batch_size)
 
     best: tuple[tuple[float, float], dict, int] = ((-math.inf, -math.inf), {}, 0)
     if val_batch is not None and keep_start:  # fine-tuning never returns worse than it started
-        best = (*checkpoint(), 0)
+        best = (score(), copy.deepcopy(net.state_dict()), 0)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     checks_without_gain, step, loss_value = 0, 0, math.nan
@@ -218,9 +217,9 @@ def fine_tune(
         if progress:
             progress(step, config.max_steps, loss_value)
         if val_batch is not None and (step % config.check_every == 0 or step == config.max_steps):
-            score, weights = checkpoint()
-            if _improves(score, best[0]):
-                best, checks_without_gain = (score, weights, step), 0
+            current = score()
+            if _improves(current, best[0]):
+                best, checks_without_gain = (current, copy.deepcopy(net.state_dict()), step), 0
             else:
                 checks_without_gain += 1
             if step >= config.min_steps and checks_without_gain >= config.patience:

@@ -101,7 +101,8 @@ _OPTIONS: dict[str, frozenset[str]] = {
 }
 
 
-def _check_strategy(strategy: str) -> str:
+def check_strategy(strategy: str) -> str:
+    """`strategy` itself, or a ValueError naming the valid ones."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
     return strategy
@@ -144,7 +145,7 @@ def select(
     hybrid; default "entropy"), ``beta`` (hybrid, default 5), ``n_init`` (kmeans,
     default 3), ``n`` (random). Unknown options raise ``ValueError``.
     """
-    name = _check_strategy(strategy)
+    name = check_strategy(strategy)
     unknown = sorted(set(options) - _OPTIONS[name])
     if unknown:
         allowed = ", ".join(sorted(_OPTIONS[name])) or "none"
@@ -212,7 +213,7 @@ def score(
     Only for strategies with a per-sample score (:data:`SCORE_STRATEGIES`); ``bald``
     needs ``mc_probs``, the others use ``probs`` or else the MC mean.
     """
-    name = _check_strategy(strategy)
+    name = check_strategy(strategy)
     if name not in SCORE_STRATEGIES:
         raise ValueError(
             f"strategy {name!r} has no per-sample score; scored strategies: {', '.join(SCORE_STRATEGIES)}"
