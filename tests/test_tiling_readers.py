@@ -167,6 +167,48 @@ def test_folder_natural_sort_and_png_modes(tmp_path: Path) -> None:
     assert [int(vol[z, 0, 0]) for z in range(4)] == [0, 1, 20, 1]
 
 
+def test_folder_of_greyscale_alpha_pngs_reads_the_grey_channel(tmp_path: Path) -> None:
+    grey = np.random.default_rng(0).integers(0, 256, (3, 6, 5), dtype=np.uint8)
+    for z, plane in enumerate(grey):
+        alpha = np.full_like(plane, 255 if z != 1 else 17)  # alpha never leaks into the values
+        pair = Image.fromarray(np.stack([plane, alpha], axis=-1), "LA")
+        (pair if z != 2 else Image.fromarray(plane)).save(tmp_path / f"{z}.png")  # LA and L mix
+    vol = open_volume(tmp_path)
+    assert (vol.shape, vol.dtype, vol.pages_read) == ((3, 6, 5), np.uint8, 0)  # from the headers only
+    np.testing.assert_array_equal(vol[:], grey)
+    assert vol[1].flags.c_contiguous
+
+
+def test_folder_refuses_colour_slices_with_the_reason(tmp_path: Path) -> None:
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(rgb / "0.png")
+    with pytest.raises(ValueError, match=r"mode 'RGB'; expected a greyscale slice \(colour slices are not"):
+        open_volume(rgb)
+    # 16-bit grey+alpha: Pillow decodes it as 8-bit RGBA, so it is refused rather than truncated.
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    _write_png_16bit_grey_alpha(deep / "0.png", np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000)
+    with pytest.raises(ValueError, match="16-bit greyscale\\+alpha, which Pillow reads only as 8 bits"):
+        open_volume(deep)
+
+
+def _write_png_16bit_grey_alpha(path: Path, grey: np.ndarray) -> None:
+    """PNG colour type 4 at bit depth 16 (Pillow cannot write it)."""
+    import struct
+    import zlib
+
+    pixels = np.stack([grey, np.full_like(grey, 65535)], axis=-1).astype(">u2")
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", grey.shape[1], grey.shape[0], 16, 4, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
 def test_ome_tiff_voxel_size(tmp_path: Path, data) -> None:
     path = tmp_path / "vol.ome.tif"
     tifffile.imwrite(

@@ -1,4 +1,9 @@
-"""A folder of 2-D slices (TIFF or PNG), one file per z, in natural filename order."""
+"""A folder of 2-D slices (TIFF or PNG), one file per z, in natural filename order.
+
+Greyscale+alpha PNGs (PIL mode "LA", as some public EM sets ship) read as their grey
+channel. Colour slices are refused rather than mixed to grey: colour in EM slices is
+usually colour-coded labels, which a luminance mix would silently corrupt.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ _PIL_DTYPES = {
     "I;16B": np.uint16,
     "I": np.int32,
     "F": np.float32,
+    "LA": np.uint8,  # grey + alpha: the alpha channel is dropped
 }
 
 
@@ -56,15 +62,24 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             return tuple(series.shape), np.dtype(series.dtype)
     with Image.open(path) as im:
         if im.mode not in _PIL_DTYPES:
-            raise ValueError(f"{path} has PIL mode {im.mode!r}; expected a greyscale slice")
+            raise ValueError(f"{path} has PIL mode {im.mode!r}; expected a greyscale slice{_mode_hint(im)}")
         return (im.height, im.width), np.dtype(_PIL_DTYPES[im.mode])
+
+
+def _mode_hint(im: Image.Image) -> str:
+    if im.tile and im.tile[0][3] == "LA;16B":  # Pillow decodes 16-bit grey+alpha as 8-bit RGBA
+        return " (16-bit greyscale+alpha, which Pillow reads only as 8 bits: save it without alpha)"
+    if len(im.getbands()) >= 3:
+        return " (colour slices are not converted: save them as greyscale)"
+    return ""
 
 
 def read_slice(path: Path) -> np.ndarray:
     if path.suffix.lower() in TIFF_SUFFIXES:
         return tifffile.imread(path)
     with Image.open(path) as im:
-        return np.asarray(im).astype(_PIL_DTYPES[im.mode], copy=False)
+        grey = im.getchannel(0) if im.mode == "LA" else im
+        return np.asarray(grey).astype(_PIL_DTYPES[im.mode], copy=False)
 
 
 def open_folder(folder: Path) -> PagedVolume:
