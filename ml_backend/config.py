@@ -51,9 +51,9 @@ class Settings:
     train_debounce: float = 10.0
     train_lock_ttl: int = 30
     train_job_timeout: int = 6 * 3600
-    train_max_steps: int = 400
-    train_patch_size: int = 256
-    train_batch_size: int = 4
+    train_steps: int = 1000
+    train_patch_size: int = 128
+    train_batch_size: int = 16
     train_holdout: float = 0.15
 
     @classmethod
@@ -78,7 +78,7 @@ class Settings:
             train_debounce=_float("TRAIN_DEBOUNCE_SECONDS", cls.train_debounce),
             train_lock_ttl=_int("TRAIN_LOCK_TTL", cls.train_lock_ttl),
             train_job_timeout=_int("TRAIN_JOB_TIMEOUT", cls.train_job_timeout),
-            train_max_steps=_int("TRAIN_MAX_STEPS", cls.train_max_steps),
+            train_steps=_int("TRAIN_STEPS", cls.train_steps),
             train_patch_size=_int("TRAIN_PATCH_SIZE", cls.train_patch_size),
             train_batch_size=_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
             train_holdout=_float("TRAIN_HOLDOUT_FRACTION", cls.train_holdout),

@@ -8,7 +8,7 @@ Memory for the network is bounded by the tile size; the output is C x H x W floa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,24 +18,48 @@ from torch.nn import functional as F
 from .network import UNet
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """Map any intensity range (8/16-bit, float, RGB) to float32 roughly in [-1, 1].
-
-    Percentiles on a subsample rather than the dtype's range, so a 16-bit image
-    using a tenth of its range looks like an 8-bit one to the network.
-    """
-    if image.ndim == 3:
-        image = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """A 2-D greyscale view: grey+alpha keeps its grey channel, RGB(A) becomes luminance."""
+    if image.ndim == 3 and image.shape[2] == 2:
+        return image[..., 0]
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        return image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     if image.ndim != 2:
-        raise ValueError(f"expected a 2-D greyscale or RGB image, got shape {image.shape}")
-    step = max(1, int(np.sqrt(image.size / 65536)))
-    sample = image[::step, ::step].astype(np.float32, copy=False).ravel()
-    lo, hi = np.percentile(sample, [1.0, 99.0])
-    if hi <= lo:
-        hi = lo + 1.0
-    out = image.astype(np.float32)
+        raise ValueError(f"expected a 2-D greyscale, grey+alpha or RGB image, got shape {image.shape}")
+    return image
+
+
+def _subsample(image: np.ndarray, pixels: int = 65536) -> np.ndarray:
+    step = max(1, int(np.sqrt(image.size / pixels)))
+    return image[::step, ::step].astype(np.float32, copy=False).ravel()
+
+
+def intensity_window(
+    images: Iterable[np.ndarray], low: float = 1.0, high: float = 99.0
+) -> tuple[float, float]:
+    """Percentiles (`low`, `high`) of the images' pixels pooled (a subsample of each).
+
+    The statistics of the data set rather than of one crop: a patch full of dark
+    mitochondria is then stretched exactly like the same pixels inside a whole section.
+    """
+    sample = np.concatenate([_subsample(to_grey(np.asarray(im))) for im in images])
+    if sample.size == 0:
+        raise ValueError("no pixels to estimate an intensity window from")
+    lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def normalize_image(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Map `window` (lo, hi) to [-1, 1] as float32, clipped to [-1.5, 1.5].
+
+    `window` is a trained network's (`UNet.intensity_window`); without one, the image's
+    own 1-99 % percentiles, so any bit depth or intensity range looks alike.
+    """
+    grey = to_grey(image)
+    lo, hi = window if window is not None else intensity_window([grey])
+    out = grey.astype(np.float32)
     out -= lo
-    out *= 2.0 / (hi - lo)
+    out *= 2.0 / max(hi - lo, 1e-12)
     out -= 1.0
     np.clip(out, -1.5, 1.5, out=out)
     return out
@@ -97,7 +121,7 @@ def embed_image(net: UNet, image: np.ndarray, *, tile: int = 1024, overlap: int 
     """Bottleneck embedding (D,) of an image of any size, area-weighted over tiles, without the
     decoder; equal to `predict_image(..., with_embedding=True).embedding`."""
     device = next(net.parameters()).device
-    pixels = normalize_image(image)
+    pixels = normalize_image(image, net.intensity_window)
     th, tw = min(tile, pixels.shape[0]), min(tile, pixels.shape[1])
     total, area = None, 0
     for _, _, batch, h, w in _tiles(pixels, th, tw, overlap, device, net.config.size_multiple):
@@ -120,7 +144,7 @@ def predict_image(
 ) -> ImagePrediction:
     """Softmax probabilities for one image of any size (and optionally its embedding)."""
     device = device or next(net.parameters()).device
-    pixels = normalize_image(image)
+    pixels = normalize_image(image, net.intensity_window)
     height, width = pixels.shape
     th, tw = min(tile, height), min(tile, width)
     ys, xs = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)

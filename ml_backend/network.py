@@ -1,9 +1,9 @@
 """The 2D U-Net: small enough for CPU inference, with MC dropout and an embedding.
 
-Sized like the papers' network (4x fewer feature maps than Ronneberger et al.:
-16 at the top level instead of 64). Dropout can stay active at inference for
-Monte-Carlo sampling (BALD), and the bottleneck is exposed as an embedding
-(k-means, core-set).
+Dropout can stay active at inference for Monte-Carlo sampling (BALD), and the
+bottleneck is exposed as an embedding (k-means, core-set). The intensity window the
+network was trained with is a buffer, so it travels inside every checkpoint and every
+caller (serving, scoring, whole volumes, evaluation) normalises images alike.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ class UNetConfig:
 
     n_classes: int = 2
     in_channels: int = 1
-    base_channels: int = 16
-    depth: int = 4
-    dropout: float = 0.2
+    base_channels: int = 8
+    depth: int = 5
+    dropout: float = 0.1
 
     @property
     def size_multiple(self) -> int:
@@ -90,6 +90,24 @@ class UNet(nn.Module):
             self.decoders.append(_conv_block(2 * w, w))
             self.decoder_dropouts.append(MCDropout2d(config.dropout))
         self.head = nn.Conv2d(widths[0], config.n_classes, 1)
+        # (lo, hi) of the input intensities; (0, 0) until training sets it (per-image percentiles).
+        self.register_buffer("intensity", torch.zeros(2, dtype=torch.float64))
+
+    @property
+    def intensity_window(self) -> tuple[float, float] | None:
+        """The training data's intensity window, or None for a network never trained."""
+        lo, hi = (float(v) for v in self.intensity)
+        return (lo, hi) if hi > lo else None
+
+    def set_intensity_window(self, window: tuple[float, float] | None) -> None:
+        if window is not None and not window[1] > window[0]:
+            raise ValueError(f"an intensity window needs lo < hi, got {window}")
+        self.intensity.copy_(torch.tensor(window or (0.0, 0.0)))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # Checkpoints written before the window was stored normalised each image on its own.
+        state_dict.setdefault(prefix + "intensity", torch.zeros(2, dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_mc_dropout(self, enabled: bool) -> None:
         """Keep dropout active in eval mode (for Monte-Carlo samples)."""

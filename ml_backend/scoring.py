@@ -186,7 +186,7 @@ class _Passes:
         return image.shape[0] <= self.tile and image.shape[1] <= self.tile
 
     def batch(self, group: list[np.ndarray]) -> tuple[torch.Tensor, int, int]:
-        pixels = np.stack([normalize_image(im) for im in group])[:, None]
+        pixels = np.stack([normalize_image(im, self.net.intensity_window) for im in group])[:, None]
         x, h, w = pad_to_multiple(torch.from_numpy(pixels).to(self.device), self.net.config.size_multiple)
         return x.contiguous(memory_format=torch.channels_last), h, w
 

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sdk.atomic import atomic_write_bytes
+from sdk.labelled_volume import Data, load_labelled_volume
 from sdk.strategies import ceal_threshold, check_strategy, select, select_ceal
-from sdk.tiling import open_volume, patch_grid, read_patch
+from sdk.tiling import parse_classes, patch_grid, read_patch
 
 from .network import UNet, UNetConfig, build_unet
 from .scoring import score_pool
@@ -43,21 +45,21 @@ Row = dict
 class SimConfig:
     """Everything that changes the numbers; stored with the results so a resume cannot mix runs."""
 
-    pool_size: int = 400
-    initial: int = 10
-    batch: int = 10
+    pool_size: int = 2000
+    initial: int = 20
+    batch: int = 20
     rounds: int = 10
     patch: int = 128
-    base_channels: int = 8
-    depth: int = 3
-    dropout: float = 0.2
-    batch_size: int = 4
-    initial_steps: int = 600
-    round_steps: int = 200
-    full_steps: int = 1500
-    min_steps: int = 40
-    check_every: int = 20
-    patience: int = 3
+    base_channels: int = 4
+    depth: int = 5
+    dropout: float = 0.1
+    batch_size: int = 16
+    initial_steps: int = 1500
+    round_steps: int = 300
+    full_steps: int = 4000
+    learning_rate: float = 2e-3  # peak for the initial model and full supervision (from scratch)
+    round_learning_rate: float = 5e-4  # peak for a round's fine-tuning of the previous weights
+    keep_start: bool = True  # a round keeps the previous weights if they validate better (as the worker)
     val_patches: int = 48
     mc_samples: int = 8
     ceal_delta0: float = 0.05
@@ -70,14 +72,12 @@ class SimConfig:
     def unet(self) -> UNetConfig:
         return UNetConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout)
 
-    def train(self, steps: int, seed: int, min_steps: int | None = None) -> TrainConfig:
+    def train(self, steps: int, seed: int, learning_rate: float) -> TrainConfig:
         return TrainConfig(
+            steps=steps,
             patch_size=self.patch,
             batch_size=self.batch_size,
-            max_steps=steps,
-            min_steps=min(self.min_steps if min_steps is None else min_steps, steps),
-            check_every=self.check_every,
-            patience=self.patience,
+            learning_rate=learning_rate,
             val_crops=self.val_patches,
             seed=seed,
         )
@@ -94,49 +94,44 @@ class SimConfig:
             raise ValueError(f"patch {self.patch} must be a multiple of 2**depth = {2**self.depth}")
 
 
-@dataclass
-class Data:
-    """The split volume: query half (Z, H/2, W) and the test half as whole images."""
-
-    train_raw: np.ndarray
-    train_mask: np.ndarray
-    test_images: list[np.ndarray]
-    test_masks: list[np.ndarray]
+VNC_CLASSES = "mitochondria=1-255"  # VNC's masks: modes "1" (0/1) and "L" (0/255 and stray greys)
 
 
-def load_vnc(vnc_dir: Path, config: SimConfig) -> Data:
-    """Stack 1 of the VNC data (raw TIFFs + mitochondria PNGs, binarised), split along y."""
+@dataclass(frozen=True)
+class DataSource:
+    """The labelled volume of a run, as paths: worker processes load it themselves."""
+
+    raw: str
+    labels: str
+    classes: str | None = None  # a `parse_classes` spec; None: each non-zero label value is a class
+
+    def load(self, config: SimConfig) -> Data:
+        classes = None if self.classes is None else parse_classes(self.classes)
+        return load_labelled_volume(
+            self.raw, self.labels, classes, sections=config.sections, crop=config.crop, patch=config.patch
+        )
+
+
+def vnc_source(vnc_dir: Path) -> DataSource:
+    """Stack 1 of the VNC data: raw TIFFs and mitochondria PNG masks."""
     stack = Path(vnc_dir) / "stack1"
     for sub in ("raw", "mitochondria"):
         if not (stack / sub).is_dir():
             raise FileNotFoundError(f"VNC data not found: {stack / sub} is not a folder")
-    with open_volume(stack / "raw") as vol:
-        raw = np.asarray(vol[:])
-    with open_volume(stack / "mitochondria") as vol:
-        mask = (np.asarray(vol[:]) > 0).astype(np.uint8)
-    if raw.shape != mask.shape:
-        raise ValueError(f"raw {raw.shape} and mitochondria {mask.shape} volumes differ in shape")
-    if config.sections:
-        raw, mask = raw[: config.sections], mask[: config.sections]
-    if config.crop:
-        raw, mask = raw[:, : config.crop, : config.crop], mask[:, : config.crop, : config.crop]
-    half = raw.shape[1] // 2
-    if half < config.patch or raw.shape[2] < config.patch:
-        raise ValueError(f"the query half {half}x{raw.shape[2]} is smaller than a {config.patch} patch")
-    return Data(
-        train_raw=raw[:, :half],
-        train_mask=mask[:, :half],
-        test_images=list(raw[:, half:]),
-        test_masks=list(mask[:, half:]),
-    )
+    return DataSource(str(stack / "raw"), str(stack / "mitochondria"), VNC_CLASSES)
+
+
+def load_vnc(vnc_dir: Path, config: SimConfig) -> Data:
+    """Stack 1 of the VNC data (mitochondria against the rest), split along y."""
+    return vnc_source(vnc_dir).load(config)
 
 
 @dataclass
 class Pool:
     """One seed's pool and validation patches (disjoint grid positions of the query half)."""
 
-    images: np.ndarray  # (n, p, p) uint8
-    masks: np.ndarray  # (n, p, p) uint8
+    images: np.ndarray  # (n, p, p), the raw dtype
+    masks: np.ndarray  # (n, p, p) uint8 class ids
     val_images: list[np.ndarray]
     val_masks: list[np.ndarray]
 
@@ -180,6 +175,7 @@ class Simulation:
     def __init__(self, out: Path, config: SimConfig, data: Data, *, device: torch.device | None = None):
         config.check()
         self.out, self.config, self.data = Path(out), config, data
+        self.unet = replace(config.unet(), n_classes=1 + len(data.classes))
         self.device = device or torch.device("cpu")
         self.results = self.out / RESULTS
         self._pools: dict[int, Pool] = {}
@@ -188,7 +184,9 @@ class Simulation:
 
     def _check_config(self) -> None:
         path = self.out / "config.json"
-        current = asdict(self.config)
+        # Volumes relative to the results folder: a clone elsewhere with the same layout resumes.
+        volumes = {k: os.path.relpath(self.data.source[k], self.out.resolve()) for k in ("raw", "labels")}
+        current = {**asdict(self.config), **self.data.source, **volumes}
         if path.exists():
             stored = json.loads(path.read_text())
             diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
@@ -223,7 +221,7 @@ class Simulation:
         return torch.load(path, weights_only=False) if path.exists() else None
 
     def _net(self, state_dict: dict) -> UNet:
-        net = build_unet(self.config.unet())
+        net = build_unet(self.unet)
         net.load_state_dict(state_dict)
         return net.to(self.device)
 
@@ -239,14 +237,14 @@ class Simulation:
         steps: int,
         seed: int,
         *,
-        keep_start: bool = True,
-        min_steps: int | None = None,
+        learning_rate: float,
+        keep_start: bool,
     ) -> dict:
         return fine_tune(
             net,
             list(images),
             list(masks),
-            self.config.train(steps, seed, min_steps),
+            self.config.train(steps, seed, learning_rate),
             val_images=pool.val_images,
             val_masks=pool.val_masks,
             device=self.device,
@@ -261,31 +259,32 @@ class Simulation:
             started = time.perf_counter()
             pool = self.pool(seed)
             labeled = select("random", self.config.initial, n=len(pool.images), seed=seed).tolist()
-            net = build_unet(self.config.unet(), seed=seed).to(self.device)
+            net = build_unet(self.unet, seed=seed).to(self.device)
             images, masks = pool.images[labeled], pool.masks[labeled]
+            cfg = self.config
             info = self._train(
-                net, pool, images, masks, self.config.initial_steps, seed * 1000, keep_start=False
-            )
+                net, pool, images, masks, cfg.initial_steps, seed * 1000, learning_rate=cfg.learning_rate,
+                keep_start=False,
+            )  # fmt: skip
             row = self._row("initial", seed, 0, len(labeled), self._evaluate(net), info, started)
             state = {"round": 0, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
             _atomic_save(state, self._state_path("initial", seed))
         return state
 
     def full(self, seed: int) -> None:
-        """The full-supervision reference: the initial model trained on the whole pool.
-
-        The whole `full_steps` budget, keeping the best validation checkpoint: moving from a
-        few patches to the whole pool first costs validation IoU, and a round's short patience
-        stopped the reference in that dip (on VNC it kept the initial weights for 2 of 3 seeds;
-        with half the budget as a floor it was still improving when it stopped).
-        """
+        """The full-supervision reference: the initial model trained on the whole pool for
+        `full_steps` at the initial model's learning rate (what a fresh model gets, as the pool
+        is far from the initial patches), its final weights kept."""
         if (FULL, seed, 0) in self.done:
             return
         started = time.perf_counter()
         pool = self.pool(seed)
         net = self._net(self.initial(seed)["state_dict"])
-        steps = self.config.full_steps
-        info = self._train(net, pool, pool.images, pool.masks, steps, seed * 1000 + 999, min_steps=steps)
+        cfg = self.config
+        info = self._train(
+            net, pool, pool.images, pool.masks, cfg.full_steps, seed * 1000 + 999,
+            learning_rate=cfg.learning_rate, keep_start=False,
+        )  # fmt: skip
         self._append(self._row(FULL, seed, 0, len(pool.images), self._evaluate(net), info, started))
 
     def step(self, strategy: str, seed: int, round_: int) -> None:
@@ -312,7 +311,11 @@ class Simulation:
         labeled += query
         images = [*pool.images[labeled], *pool.images[pseudo]]
         masks = [*pool.masks[labeled], *pseudo_labels]
-        info = self._train(net, pool, images, masks, self.config.round_steps, seed * 1000 + round_)
+        cfg = self.config
+        info = self._train(
+            net, pool, images, masks, cfg.round_steps, seed * 1000 + round_,
+            learning_rate=cfg.round_learning_rate, keep_start=cfg.keep_start,
+        )  # fmt: skip
         row = self._row(strategy, seed, round_, len(labeled), self._evaluate(net), info, started)
         row["pseudo"] = len(pseudo)
         state = {"round": round_, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
@@ -361,7 +364,7 @@ class Simulation:
             "iou": round(scores["iou"], 6),
             "dice": round(scores["dice"], 6),
             "steps": int(info["steps"]),
-            "best_step": int(info["best_step"]),
+            "kept_start": bool(info["kept_start"]),
             "seconds": round(time.perf_counter() - started, 2),
         }
 
@@ -417,14 +420,14 @@ COST = {"bald": 3.0, "hybrid": 1.6, "coreset": 1.5, "kmeans": 1.4, FULL: 2.0}  #
 _worker: Simulation | None = None
 
 
-def _run_task(task: tuple[Path, SimConfig, Path, int, str, int]) -> None:
+def _run_task(task: tuple[Path, SimConfig, DataSource, int, str, int]) -> None:
     """One seed's initial model or one chain, in a worker process (set up on its first task,
     so a setup error reaches the caller instead of a pool that respawns failing workers)."""
     global _worker
-    out, config, vnc_dir, threads, strategy, seed = task
+    out, config, source, threads, strategy, seed = task
     if _worker is None:
         torch.set_num_threads(threads)
-        _worker = Simulation(out, config, load_vnc(vnc_dir, config))
+        _worker = Simulation(out, config, source.load(config))
     if strategy == "initial":
         _worker.initial(seed)
     else:
@@ -434,7 +437,7 @@ def _run_task(task: tuple[Path, SimConfig, Path, int, str, int]) -> None:
 def run_parallel(
     out: Path,
     config: SimConfig,
-    vnc_dir: Path,
+    source: DataSource,
     strategies: Sequence[str],
     seeds: Sequence[int],
     *,
@@ -447,11 +450,18 @@ def run_parallel(
 
     for strategy in strategies:
         check_strategy(strategy)
-    initial = [("initial", seed) for seed in seeds]
-    chains = [(s, seed) for seed in seeds for s in [*strategies, FULL]]
+    done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(Path(out) / RESULTS)}
+    rounds = {FULL: [0]}
+    chains = [
+        (s, seed)
+        for seed in seeds
+        for s in [*strategies, FULL]
+        if any((s, seed, r) not in done for r in rounds.get(s, range(config.rounds + 1)))
+    ]  # finished chains need neither their state files nor the initial model
+    initial = sorted({("initial", seed) for _, seed in chains})
     chains.sort(key=lambda t: -COST.get(t[0], 1.0))  # longest first: the last process idles least
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    common = (Path(out), config, Path(vnc_dir), threads)
+    common = (Path(out), config, source, threads)
     with context.Pool(jobs) as pool:
         for tasks in (initial, chains):
             result = pool.map_async(_run_task, [(*common, *t) for t in tasks], chunksize=1)

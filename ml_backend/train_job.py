@@ -95,15 +95,12 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
 
     def progress(step: int, total: int, loss: float) -> None:
         if state is not None and (step % 10 == 0 or step == total):
-            state.set_status(progress={"step": step, "max_steps": total, "loss": round(loss, 4)})
+            state.set_status(progress={"step": step, "steps": total, "loss": round(loss, 4)})
         if step % 25 == 0:
             log.info("project %s step %d/%d loss %.4f", project, step, total, loss)
 
     config = TrainConfig(
-        patch_size=settings.train_patch_size,
-        batch_size=settings.train_batch_size,
-        max_steps=settings.train_max_steps,
-        min_steps=min(TrainConfig.min_steps, settings.train_max_steps),
+        steps=settings.train_steps, patch_size=settings.train_patch_size, batch_size=settings.train_batch_size
     )
     summary = fine_tune(
         net,
@@ -114,7 +111,7 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
         val_masks=hold_masks,
         device=device,
         progress=progress,
-        keep_start=parent is not None,
+        keep_start=parent.number > 0,  # an untrained network is no candidate
     )
     after = evaluate(net, hold_images, hold_masks) if hold_idx else None
     metrics = {

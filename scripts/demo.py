@@ -128,8 +128,8 @@ def note(message: str) -> None:
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    if a.ndim == 3:  # colour → grey
-        a = a[..., :3].mean(axis=-1)
+    if a.ndim == 3:  # grey + alpha → grey; colour → grey
+        a = a[..., 0] if a.shape[-1] == 2 else a[..., :3].mean(axis=-1)
     if a.dtype == np.uint8:
         return a
     lo, hi = np.percentile(a, (0.5, 99.5))
@@ -264,7 +264,7 @@ def wait_for_training(backend: BackendServer, project_id: int, timeout: float = 
         status = requests.get(f"{backend.url}/status/{project_id}", timeout=5).json()
         state = status.get("state", "queued")
         progress = status.get("progress") or {}
-        line = f"{state} {progress.get('step', 0)}/{progress.get('max_steps', '?')}" if progress else state
+        line = f"{state} {progress.get('step', 0)}/{progress.get('steps', '?')}" if progress else state
         if line != last:
             note(line + (f" (loss {progress['loss']})" if progress.get("loss") is not None else ""))
             last = line
@@ -309,7 +309,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         "REDIS_URL": redis.url,
         # A demo should show the loop within minutes on a laptop CPU; your environment wins.
         "TRAIN_DEBOUNCE_SECONDS": os.environ.get("TRAIN_DEBOUNCE_SECONDS", "2"),
-        "TRAIN_MAX_STEPS": os.environ.get("TRAIN_MAX_STEPS", "150"),
+        "TRAIN_STEPS": os.environ.get("TRAIN_STEPS", "150"),
     }
     step(f"ML backend on port {args.ml_port}")
     backend = BackendServer(env, port=args.ml_port, log_path=logs / "ml-backend.log")

@@ -1,28 +1,48 @@
 #!/usr/bin/env python3
-"""Simulate active learning on the labelled VNC stack, the ground truth acting as the oracle.
+"""Simulate active learning on a labelled EM volume, the ground truth acting as the oracle.
 
 The papers' protocol (Roels & Saeys) with the project's own U-Net, strategies and
-training code: the stack is split halfway along y; a pool of --pool 2-D patches comes
+training code: the volume is split halfway along y; a pool of --pool 2-D patches comes
 from the top half; each strategy starts from the same --initial random patches and the
 same initial model (per seed), then every round selects --batch patches, adds them,
 fine-tunes from the previous round's weights and measures IoU on the whole bottom half.
 A model trained on the whole pool gives the full-supervision reference.
 
-Convergence, not a fixed step count: every 20 steps the BatchNorm statistics are
-re-estimated on training patches and the model is scored (IoU) on --val-patches fixed
-held-out patches; a round keeps its best-scoring weights (the previous round's included)
-and stops after 3 checks without gain, or at --round-steps.
+Data: VNC stack 1's mitochondria (--data, the default), or any labelled volume with
+--raw RAW --labels LABELS, both of one shape, in any format sdk.tiling opens: a TIFF
+stack, a folder of 2-D TIFF/PNG slices (greyscale+alpha PNGs too), file.h5:/dataset,
+a Zarr store[:/array], .npy, MRC. Raw of any dtype (8/16-bit, float). --classes names
+the classes and the label values that form them: name=values, comma-separated, values
+joined by + (merged into one class), each a value v or a range a-b; values no class
+claims are background. Without --classes, 0 is background and every other value is one
+class named by its value (at most 32). The network has one output per class plus
+background; IoU is the mean over the classes.
 
-Default (CPU) scaling, for all 9 strategies x 3 seeds in < 2 h on 2 cores: pool 400,
-initial 10, batch 10, 10 rounds (110 labelled = 27 % of the pool, like the papers' 520
-of 2000), U-Net base_channels 8 depth 3, patches 128, <= 200 steps a round; chains run
-side by side in --jobs processes of one torch thread each. See benchmarks/README.md for
-the measured costs. --full uses the papers' sizes (pool 2000, initial 20, batch 20,
-25 rounds) and the project's default U-Net (16 channels, depth 4): meant for a GPU.
+  simulate.py --raw em.h5:/raw --labels em.h5:/labels --out sim-em
+  simulate.py --raw vnc/stack1/raw --labels vnc/stack1/labels --out sim-vnc4 \\
+      --classes membranes=0-128,glia=159,mitochondria=191,synapses=223
+  simulate.py --raw vnc/stack1/raw --labels vnc/stack1/labels --out sim-organelles \\
+      --classes organelles=191+223
 
-Results are appended per (strategy, seed, round) to OUT/results.jsonl; a re-run with
-the same options skips finished rounds and continues each chain from its saved weights
-and labelled set. --report turns OUT/results.jsonl into results.csv, learning_curve.png
+Training is the worker's recipe (ml_backend.training, README "The model"): the initial
+model trains --initial-steps from scratch; each round fine-tunes the previous weights for
+--round-steps (warm-up, cosine decay to zero) and keeps the previous weights when they
+score better on --val-patches fixed held-out patches, as the worker does; full
+supervision trains the initial model on the whole pool for --full-steps.
+
+Default (CPU) scaling, for the strategies x 3 seeds in < 2 h on 2 cores: the papers'
+pool (2000 patches of 128 x 128, initial 20, batch 20), 10 rounds (200 labelled = 10 %
+of the pool at round 9), a U-Net of 4 channels at the top level and depth 5 (the
+backend's default has 8: half the cost, the same IoU on VNC), batches of 16, 1500
+steps for the initial model, 300 a round, 4000 for full supervision; chains run side by
+side in --jobs processes of one torch thread each. See benchmarks/README.md for the
+measured costs. --full keeps the sizes but runs the papers' 25 rounds with larger step
+budgets: meant for a GPU.
+
+Results are appended per (strategy, seed, round) to OUT/results.jsonl; OUT/config.json
+records the options, the volumes and the classes. A re-run with the same ones skips
+finished rounds and continues each chain from its saved weights and labelled set; other
+ones are refused. --report turns OUT/results.jsonl into results.csv, learning_curve.png
 and the tables in benchmarks/README.md.
 
 Exit status: 0 done, 1 failure, 2 bad usage or missing data, 130 interrupted.
@@ -51,11 +71,12 @@ from tqdm import tqdm  # noqa: E402
 from ml_backend.simulation import (  # noqa: E402
     FULL,
     RESULTS,
+    DataSource,
     SimConfig,
     Simulation,
-    load_vnc,
     read_results,
     run_parallel,
+    vnc_source,
 )
 from sdk.cli import run_main  # noqa: E402
 from sdk.strategies import STRATEGIES  # noqa: E402
@@ -68,15 +89,9 @@ PAPER = {
     "initial": 20,
     "batch": 20,
     "rounds": 25,
-    "base_channels": 16,
-    "depth": 4,
-    "round_steps": 500,
-    "initial_steps": 1000,
-    "full_steps": 4000,
-    "min_steps": 100,
-    "check_every": 25,
-    "patience": 4,
-    "val_patches": 32,
+    "initial_steps": 3000,
+    "round_steps": 1000,
+    "full_steps": 10000,
     "ceal_max_pseudo": 20,
 }
 OPTIONS = {  # CLI option -> SimConfig field
@@ -87,6 +102,7 @@ OPTIONS = {  # CLI option -> SimConfig field
     "patch": "patch",
     "base_channels": "base_channels",
     "depth": "depth",
+    "batch_size": "batch_size",
     "initial_steps": "initial_steps",
     "round_steps": "round_steps",
     "full_steps": "full_steps",
@@ -106,10 +122,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="VNC folder (default: %(default)s)")
+    data = parser.add_argument_group("data (VNC by default)")
+    data.add_argument("--data", type=Path, help=f"VNC folder (default: {DEFAULT_DATA})")
+    data.add_argument("--raw", help="raw volume: a path, file.h5:/dataset or a.zarr:/array (needs --labels)")
+    data.add_argument("--labels", help="label volume of the same shape as --raw")
+    data.add_argument(
+        "--classes",
+        metavar="SPEC",
+        help="name=values,... e.g. membranes=0-128,glia=159 or organelles=191+223 (default: each "
+        "non-zero label value is a class)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: %(default)s)")
     parser.add_argument(
-        "--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all nine)"
+        "--strategies",
+        help="comma-separated (default: all nine; without margin when there is one class, as it then "
+        "ranks like least_confidence)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     parser.add_argument("--full", action="store_true", help="the papers' sizes (for a GPU)")
@@ -143,18 +170,40 @@ def make_config(args: argparse.Namespace) -> SimConfig:
     return SimConfig(**values)
 
 
+def data_source(args: argparse.Namespace) -> DataSource:
+    """--raw/--labels/--classes, or VNC's stack 1 (--data)."""
+    if args.raw is None and args.labels is None:
+        if args.classes is not None:
+            raise ValueError("--classes needs --raw and --labels (VNC's classes are fixed)")
+        return vnc_source(args.data or DEFAULT_DATA)
+    if args.raw is None or args.labels is None:
+        raise ValueError("--raw and --labels go together")
+    if args.data is not None:
+        raise ValueError("--data is VNC's folder: give either --data or --raw/--labels")
+    return DataSource(args.raw, args.labels, args.classes)
+
+
+def default_strategies(n_classes: int) -> list[str]:
+    """Every strategy; margin only with several classes (with one, 1 - (p1 - p2) = 2 (1 - p1))."""
+    return [s for s in STRATEGIES if n_classes > 1 or s != "margin"]
+
+
 def simulate(args: argparse.Namespace) -> str:
+    source = data_source(args)
     import torch
 
     torch.set_num_threads(max(1, args.threads))
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     if args.seeds < 1 or args.jobs < 1:
         raise ValueError("--seeds and --jobs must be >= 1")
     seeds = list(range(args.seeds))
     config = make_config(args)
+    data = source.load(config)
+    strategies = default_strategies(len(data.classes)) if args.strategies is None else [
+        s.strip() for s in args.strategies.split(",") if s.strip()
+    ]  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     jobs = args.jobs if device.type == "cpu" else 1
-    sim = Simulation(args.out, config, load_vnc(args.data, config), device=device)
+    sim = Simulation(args.out, config, data, device=device)
     done, total = sim.work(strategies, seeds)
     started = time.time()
     with tqdm(total=total, initial=done, desc="simulation", unit="round", disable=args.quiet) as bar:
@@ -170,7 +219,7 @@ def simulate(args: argparse.Namespace) -> str:
             run_parallel(
                 args.out,
                 config,
-                args.data,
+                source,
                 strategies,
                 seeds,
                 jobs=jobs,
@@ -387,7 +436,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         "iou",
         "dice",
         "steps",
-        "best_step",
+        "kept_start",
         "pseudo",
         "seconds",
     ]

@@ -42,7 +42,7 @@ def train_small_net(steps: int = 40, seed: int = 0) -> UNet:
         net,
         [d[0] for d in data],
         [d[1] for d in data],
-        TrainConfig(max_steps=steps, patch_size=128, batch_size=4, seed=seed),
+        TrainConfig(steps=steps, patch_size=128, batch_size=4, seed=seed),
     )
     return net
 

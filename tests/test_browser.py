@@ -328,7 +328,7 @@ def browser_net():
             net,
             [d[0] for d in data],
             [d[1] for d in data],
-            TrainConfig(max_steps=200, patch_size=96, batch_size=4, seed=0),
+            TrainConfig(steps=200, patch_size=96, batch_size=4, seed=0),
         )
     finally:
         torch.set_num_threads(threads)

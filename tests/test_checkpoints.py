@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_backend.checkpoints import CheckpointError, CheckpointStore, version_name
+from ml_backend.checkpoints import CheckpointError, CheckpointStore, load_checkpoint, version_name
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNet, UNetConfig, build_unet
 from ml_backend.registry import ModelRegistry
@@ -228,3 +228,16 @@ def test_registry_keeps_serving_when_newest_is_corrupt(store: CheckpointStore) -
     again = registry.current(store)
     assert again.version == v1
     assert again is served  # same version: the loaded network is reused, not reloaded
+
+
+def test_the_intensity_window_travels_with_the_checkpoint(store: CheckpointStore, tmp_path: Path) -> None:
+    net = perturbed(1)
+    net.set_intensity_window((12.0, 3400.0))
+    loaded = store.load(store.save(net, parent=store.latest(), metrics={}))
+    assert loaded.intensity_window == (12.0, 3400.0)
+    # A checkpoint written before the window was stored loads, and normalises per image.
+    old = {k: v for k, v in perturbed(2).state_dict().items() if k != "intensity"}
+    path = tmp_path / "old.pt"
+    torch.save({"config": TINY.to_dict(), "state_dict": old}, path)
+    legacy, _ = load_checkpoint(path)
+    assert legacy.intensity_window is None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ml_backend.inference import blend_window, normalize_image, predict_image, tile_starts
+from ml_backend.inference import blend_window, intensity_window, normalize_image, predict_image, tile_starts
 from ml_backend.network import MCDropout2d, UNet, UNetConfig, build_unet
 
 TINY = UNetConfig(n_classes=3, base_channels=4, depth=2)
@@ -110,6 +110,8 @@ class PerPixel(nn.Module):
         with torch.no_grad():
             self.conv.weight.copy_(torch.tensor([3.0, -2.0, 0.5]).view(3, 1, 1, 1))
             self.conv.bias.copy_(torch.tensor([0.0, 0.3, -0.1]))
+
+    intensity_window = None  # each image normalised on its own, as an untrained UNet
 
     def set_mc_dropout(self, enabled: bool) -> None:
         pass
@@ -253,3 +255,35 @@ def test_fused_network_computes_the_same_function() -> None:
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), net.eval()(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_trained_network_normalises_with_its_own_window() -> None:
+    """The window travels with the network: a dark crop is stretched like the same pixels in a section."""
+    section = textured(64, 64)
+    crop = section[:16, :16]
+    net = build_unet(TINY)
+    net.set_intensity_window(intensity_window([section]))
+    expected = normalize_image(section, net.intensity_window)[:16, :16]
+    np.testing.assert_allclose(normalize_image(crop, net.intensity_window), expected)
+    assert not np.allclose(normalize_image(crop), expected)  # its own percentiles stretch it differently
+    with torch.no_grad():
+        direct = torch.softmax(
+            net(torch.from_numpy(normalize_image(section, net.intensity_window))[None, None]), 1
+        )
+    np.testing.assert_allclose(predict_image(net, section).probs, direct[0].numpy(), atol=1e-5)
+
+
+def test_intensity_window_pools_the_images_and_maps_to_minus_one_one() -> None:
+    dark, bright = np.full((40, 40), 10, np.uint16), np.full((40, 40), 1000, np.uint16)
+    lo, hi = intensity_window([dark, bright])
+    assert lo == pytest.approx(10) and hi == pytest.approx(1000)
+    np.testing.assert_allclose(normalize_image(dark, (lo, hi)), -1.0)
+    np.testing.assert_allclose(normalize_image(bright, (lo, hi)), 1.0)
+    with pytest.raises(ValueError, match="lo < hi"):
+        build_unet(TINY).set_intensity_window((5.0, 5.0))
+
+
+def test_grey_alpha_input_uses_the_grey_channel() -> None:
+    grey = textured(30, 40)
+    la = np.stack([grey, np.full_like(grey, 255)], axis=2)
+    np.testing.assert_array_equal(normalize_image(la), normalize_image(grey))

@@ -44,7 +44,7 @@ def quick_net():
     """A tiny network trained for a few seconds: enough for real masks and varied uncertainty."""
     data = [synthetic_em(128, 128, seed=100 + s) for s in range(4)]
     net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=0)
-    config = TrainConfig(max_steps=30, patch_size=96, batch_size=4, seed=0)
+    config = TrainConfig(steps=30, patch_size=96, batch_size=4, seed=0)
     fine_tune(net, [d[0] for d in data], [d[1] for d in data], config)
     return net
 

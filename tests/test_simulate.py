@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,8 @@ def test_parallel_processes_give_the_serial_results(simulate, tmp_path, one_torc
     assert numbers(parallel) == numbers(serial)  # every chain is seeded: processes change only the time
     run = json.loads((parallel / "runs.jsonl").read_text().splitlines()[-1])
     assert run["jobs"] == 2 and run["rounds"] == len(rows(parallel)) and run["wall_seconds"] > 0
+    # Finished results without their state files (as committed): nothing is recomputed.
+    shutil.rmtree(parallel / "state")
+    before = (parallel / "results.jsonl").read_text()
+    assert simulate.main([*TINY, "--out", str(parallel), "--jobs", "2"]) == 0
+    assert (parallel / "results.jsonl").read_text() == before and not (parallel / "state").exists()

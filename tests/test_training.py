@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from ml_backend.annotations import AnnotationError, MaskCache, choose_annotation, label_map
-from ml_backend.inference import normalize_image
+from ml_backend.inference import intensity_window, normalize_image
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNetConfig, build_unet
 from ml_backend.train_job import holdout_split
 from ml_backend.training import (
     IGNORE,
     TrainConfig,
+    augment_batch,
     confusion_counts,
     evaluate,
     fine_tune,
+    learning_rate,
     sample_patches,
     scores_from_counts,
     segmentation_loss,
@@ -116,7 +118,7 @@ def test_fine_tune_learns_discs() -> None:
     net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=0)
     before = evaluate(net, [held_image], [held_mask])
     losses: list[float] = []
-    config = TrainConfig(patch_size=48, batch_size=4, max_steps=30, learning_rate=1e-2, seed=0)
+    config = TrainConfig(steps=30, patch_size=48, batch_size=4, learning_rate=1e-2, warmup_steps=5, seed=0)
     summary = fine_tune(
         net,
         [im for im, _ in train],
@@ -134,19 +136,70 @@ def test_fine_tune_learns_discs() -> None:
     assert after["dice"] >= after["iou"]
 
 
-def test_fine_tune_with_validation_keeps_best_weights() -> None:
+def test_fine_tune_reports_the_validation_score_of_the_weights_it_returns() -> None:
     images, masks = zip(*(discs(seed, 48) for seed in range(2)), strict=True)
     val_image, val_mask = discs(50, 48)
     net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=1)
-    config = TrainConfig(
-        patch_size=32, batch_size=2, max_steps=12, min_steps=4, check_every=3, patience=2, learning_rate=1e-2
+    config = TrainConfig(steps=12, patch_size=32, batch_size=2, learning_rate=1e-2, warmup_steps=2)
+    summary = fine_tune(
+        net, images, masks, config, val_images=[val_image], val_masks=[val_mask], keep_start=False
     )
-    summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
-    assert summary["best_step"] in (0, 3, 6, 9, 12) and summary["best_step"] <= summary["steps"]
-    # The network returned is the one with the best validation loss (recomputed the same way).
-    vx, vy = validation_patches([normalize_image(val_image)], [val_mask], 32, config.val_crops)
+    assert summary["steps"] == 12 and summary["kept_start"] is False and summary["val_iou_start"] is None
+    vx, vy = validation_patches(
+        [normalize_image(val_image, net.intensity_window)], [val_mask], 32, config.val_crops
+    )
     score = validation_score(net, torch.from_numpy(vx), torch.from_numpy(vy), chunk=2 * config.batch_size)
-    assert score[0] == pytest.approx(summary["best_val_iou"], rel=1e-6) and 0.0 <= score[0] <= 1.0
+    assert score[0] == pytest.approx(summary["val_iou"], rel=1e-6) and 0.0 <= score[0] <= 1.0
+
+
+def test_a_fresh_network_takes_the_training_data_intensity_window_and_keeps_it() -> None:
+    images, masks = zip(*(discs(seed, 48) for seed in range(2)), strict=True)
+    net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=1)
+    assert net.intensity_window is None
+    config = TrainConfig(steps=2, patch_size=32, batch_size=2)
+    fine_tune(net, images, masks, config)
+    window = net.intensity_window
+    assert window == pytest.approx(intensity_window(images))
+    brighter = [np.clip(im.astype(np.int32) + 40, 0, 255).astype(np.uint8) for im in images]
+    fine_tune(net, brighter, masks, config)  # a later run keeps the window the weights learnt with
+    assert net.intensity_window == window
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    config = TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10)
+    rates = [learning_rate(step, config) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))  # never rises after the peak
+    assert rates[-1] < 1e-6 and learning_rate(100, config) == pytest.approx(0.0)
+
+
+def test_augment_batch_moves_image_and_labels_together() -> None:
+    rng = np.random.default_rng(0)
+    x = torch.zeros(6, 1, 32, 32)
+    y = torch.zeros(6, 32, 32, dtype=torch.long)
+    x[:, :, 8:20, 10:24], y[:, 8:20, 10:24] = 1.0, 1  # a bright labelled rectangle
+    config = TrainConfig(contrast=1.0, brightness=0.0)  # geometry only
+    ax, ay = augment_batch(x, y, config, rng)
+    assert ax.shape == x.shape and ay.shape == y.shape and ay.dtype == torch.long
+    assert set(torch.unique(ay).tolist()) <= {0, 1, IGNORE}
+    inside = ay != IGNORE
+    # Where a label survived, the image agrees with it (bilinear edges aside).
+    assert (ax[:, 0][inside & (ay == 1)] > 0.5).float().mean() > 0.9
+    assert (ax[:, 0][inside & (ay == 0)] < 0.5).float().mean() > 0.9
+    assert not torch.equal(ay, y)  # turned by some angle or zoomed
+    off = TrainConfig(rotate=False, scale=1.0, contrast=1.0, brightness=0.0)
+    same_x, same_y = augment_batch(x, y, off, rng)
+    assert torch.equal(same_x, x) and torch.equal(same_y, y)
+    jittered, labels = augment_batch(x, y, TrainConfig(rotate=False, scale=1.0), rng)
+    assert torch.equal(labels, y) and not torch.equal(jittered, x)
+
+
+def test_sample_patches_draw_images_in_proportion_to_their_area() -> None:
+    small, big = np.zeros((32, 32), np.float32), np.ones((128, 128), np.float32)
+    masks = [np.zeros((32, 32), np.uint8), np.zeros((128, 128), np.uint8)]
+    xs, _ = sample_patches([small, big], masks, 32, 400, np.random.default_rng(0))
+    share_big = float((xs[:, 0, 0, 0] == 1).mean())
+    assert 0.9 < share_big < 0.99  # 16/17 of the pixels
 
 
 def test_validation_patches_cover_every_image_at_fixed_positions() -> None:
@@ -356,14 +409,13 @@ def test_fine_tune_never_returns_weights_worse_than_its_start() -> None:
     images, masks = zip(*(discs(seed, 48) for seed in range(2)), strict=True)
     val_image, val_mask = discs(50, 48)
     net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2), seed=1)
-    fine_tune(net, images, masks, TrainConfig(patch_size=32, batch_size=2, max_steps=40, learning_rate=1e-2))
+    fine_tune(net, images, masks, TrainConfig(steps=40, patch_size=32, batch_size=2, learning_rate=1e-2))
     start = {k: v.clone() for k, v in net.named_parameters()}
     # A learning rate this large wrecks the weights at the first step; validation must notice.
-    config = TrainConfig(
-        patch_size=32, batch_size=2, max_steps=6, min_steps=2, check_every=2, learning_rate=1e3
-    )
+    config = TrainConfig(steps=6, patch_size=32, batch_size=2, learning_rate=1e3, warmup_steps=1)
     summary = fine_tune(net, images, masks, config, val_images=[val_image], val_masks=[val_mask])
-    assert summary["best_step"] == 0 and summary["steps"] == 6
+    assert summary["kept_start"] is True and summary["steps"] == 6
+    assert summary["val_iou"] == summary["val_iou_start"] >= summary["val_iou_trained"]
     assert all(torch.equal(start[k], v) for k, v in net.named_parameters())
 
 

@@ -55,7 +55,7 @@ class Loop:
             "RQ_QUEUE": f"emloop-test-{uuid.uuid4().hex[:8]}",
             "TRAIN_DEBOUNCE_SECONDS": "2",
             "TRAIN_LOCK_TTL": "4",
-            "TRAIN_MAX_STEPS": "12",
+            "TRAIN_STEPS": "12",
             "TRAIN_PATCH_SIZE": "128",
             "TRAIN_BATCH_SIZE": "2",
             **env,
@@ -140,7 +140,7 @@ def test_burst_trains_once_and_predictions_follow(
 def test_annotation_during_training_gets_a_follow_up_run(
     label_studio, backend_factory, worker_factory, tmp_path, start_net
 ):
-    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_MAX_STEPS="60")
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_STEPS="60")
     loop.worker()
     for i in range(5):
         loop.annotate(i)
@@ -164,7 +164,7 @@ def test_annotation_during_training_gets_a_follow_up_run(
 def test_killed_worker_leaves_serving_untouched(
     label_studio, backend_factory, worker_factory, tmp_path, start_net
 ):
-    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_MAX_STEPS="400")
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_STEPS="400")
     before = loop.served_version()
     worker = loop.worker()
     for i in range(5):
@@ -182,7 +182,7 @@ def test_killed_worker_leaves_serving_untouched(
     wait_for("the dead run to show", lambda: loop.status().get("state") == "interrupted", timeout=30)
 
     # A new worker and Label Studio's "Start Training" button: the next job succeeds.
-    loop.env["TRAIN_MAX_STEPS"] = "12"
+    loop.env["TRAIN_STEPS"] = "12"
     loop.worker()
     requests.post(
         f"{label_studio.url}/api/ml/{loop.ml.id}/train", headers=label_studio.auth_headers, timeout=30
