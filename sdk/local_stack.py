@@ -628,16 +628,20 @@ def seed_from_template(
 # --------------------------------------------------------------------- ML backend & worker
 
 
-def _python_env(env: Mapping[str, str]) -> dict[str, str]:
+def _python_env(env: Mapping[str, str], root: Path = REPO_ROOT) -> dict[str, str]:
     merged = _child_env(env)
     pythonpath = merged.get("PYTHONPATH", "")
-    merged["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), pythonpath) if p)
+    merged["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), pythonpath) if p)
     merged.setdefault("PYTHONUNBUFFERED", "1")
     return merged
 
 
 class BackendServer(ManagedProcess):
-    """``python -m ml_backend`` on loopback, ready once ``/health`` says UP."""
+    """``python -m ml_backend`` on loopback, ready once ``/health`` says UP.
+
+    ``repo_root`` is the checkout whose code runs (first on PYTHONPATH, and the working
+    directory): another ``git worktree`` runs another version of emloop with the same venv.
+    """
 
     name = "ml-backend"
 
@@ -650,16 +654,18 @@ class BackendServer(ManagedProcess):
         host: str = "127.0.0.1",
         start_timeout: float = 120.0,
         log_path: Path | None = None,
+        repo_root: str | os.PathLike[str] = REPO_ROOT,
     ) -> None:
         self.port = port or find_free_port()
         self.host = host
         self.start_timeout = start_timeout
-        merged = _python_env({**env, "HOST": host, "PORT": str(self.port)})
+        root = Path(repo_root).resolve()
+        merged = _python_env({**env, "HOST": host, "PORT": str(self.port)}, root)
         super().__init__(
             [python, "-m", "ml_backend"],
             env=merged,
             log_path=log_path or _default_log(f"backend-{self.port}"),
-            cwd=REPO_ROOT,
+            cwd=root,
         )
 
     @property
@@ -699,7 +705,7 @@ def _health_up(response: requests.Response) -> bool:
 
 
 class WorkerProcess(ManagedProcess):
-    """``python -m ml_backend.worker`` (an RQ worker)."""
+    """``python -m ml_backend.worker`` (an RQ worker); ``repo_root`` as for ``BackendServer``."""
 
     name = "ml-worker"
 
@@ -709,12 +715,14 @@ class WorkerProcess(ManagedProcess):
         python: str = sys.executable,
         *,
         log_path: Path | None = None,
+        repo_root: str | os.PathLike[str] = REPO_ROOT,
     ) -> None:
+        root = Path(repo_root).resolve()
         super().__init__(
             [python, "-m", "ml_backend.worker"],
-            env=_python_env(env),
+            env=_python_env(env, root),
             log_path=log_path or _default_log("worker"),
-            cwd=REPO_ROOT,
+            cwd=root,
         )
 
     def start(self) -> WorkerProcess:

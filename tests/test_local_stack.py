@@ -19,8 +19,11 @@ from PIL import Image
 
 from sdk.local_stack import (
     CREDENTIALS_FILE,
+    REPO_ROOT,
+    BackendServer,
     LabelStudioServer,
     ManagedProcess,
+    WorkerProcess,
     ensure_redis,
     find_free_port,
     is_loopback_url,
@@ -171,6 +174,16 @@ def test_only_loopback_redis_urls_are_replaced() -> None:
     assert not is_loopback_url("rediss://127.0.0.1:6379/0")
 
 
+def test_backend_and_worker_run_the_code_of_their_repo_root(tmp_path: Path) -> None:
+    """Another checkout (a git worktree) runs its own code: working directory and PYTHONPATH."""
+    for cls in (BackendServer, WorkerProcess):
+        default = cls({}, log_path=tmp_path / "default.log")
+        other = cls({}, log_path=tmp_path / "other.log", repo_root=tmp_path)
+        assert default.cwd == REPO_ROOT and default.env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
+        assert other.cwd == tmp_path.resolve()
+        assert other.env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve())
+
+
 def test_label_studio_credentials_survive_reuse(tmp_path: Path) -> None:
     data = tmp_path / "ls"
     first = LabelStudioServer(data, token="a" * 40, username="u@example.com", password="pw")
@@ -228,7 +241,7 @@ def test_demo_smoke(label_studio: LabelStudioServer, redis_url: str, repo_root: 
         [sys.executable, str(repo_root / "scripts" / "demo.py"), "--data-dir", str(data_dir),
          "--ls-port", str(ls_port), "--ml-port", str(ml_port), "--images", "3", "--size", "160",
          "--teach", "2", "--smoke"],
-        env={**os.environ, "REDIS_URL": redis_url, "TRAIN_MAX_STEPS": "10", "TRAIN_PATCH_SIZE": "128",
+        env={**os.environ, "REDIS_URL": redis_url, "TRAIN_STEPS": "10", "TRAIN_PATCH_SIZE": "128",
              "RQ_QUEUE": f"emloop-demo-test-{ls_port}"},
         capture_output=True,
         text=True,
