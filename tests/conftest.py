@@ -46,6 +46,17 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def simulate():
+    """scripts/simulate.py as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simulate", REPO_ROOT / "scripts" / "simulate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
 

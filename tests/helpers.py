@@ -22,6 +22,18 @@ BRUSH_CONFIG = (
 SMALL_NET = UNetConfig(n_classes=2, base_channels=8, depth=3)
 
 
+MITO, VESICLE, MEMBRANE = 7, 300, 5  # label values that are not 1..N
+
+
+def labelled_volume(sections: int = 4, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic uint8 raw and int32 labels: MITO, VESICLE, MEMBRANE (dark cytoplasm pixels) and 0."""
+    pairs = [synthetic_em(size, size, seed=z, n_classes=2) for z in range(sections)]
+    raw, masks = np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
+    labels = np.select([masks == 1, masks == 2], [MITO, VESICLE], 0).astype(np.int32)
+    labels[(labels == 0) & (raw < 80)] = MEMBRANE
+    return raw, labels
+
+
 def write_images(folder: Path, shapes: list[tuple[int, int]], seed: int = 0) -> list[tuple[Path, np.ndarray]]:
     """Synthetic EM PNGs of the given sizes; returns (path, ground-truth mask) pairs."""
     folder.mkdir(parents=True, exist_ok=True)

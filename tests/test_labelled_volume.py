@@ -9,26 +9,16 @@ import pytest
 from PIL import Image
 
 from sdk.labelled_volume import load_labelled_volume
-from sdk.synthetic import synthetic_em
 from sdk.tiling import parse_classes
+
+from .helpers import MEMBRANE, MITO, VESICLE, labelled_volume
 
 h5py = pytest.importorskip("h5py")
 zarr = pytest.importorskip("zarr")
 
-MITO, VESICLE, MEMBRANE = 7, 300, 5  # label values that are not 1..N
-
-
-def volumes(sections: int = 3, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic uint8 raw and int32 labels with values MITO, VESICLE, MEMBRANE (dark pixels) and 0."""
-    pairs = [synthetic_em(size, size, seed=z, n_classes=2) for z in range(sections)]
-    raw, masks = np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
-    labels = np.select([masks == 1, masks == 2], [MITO, VESICLE], 0).astype(np.int32)
-    labels[(labels == 0) & (raw < 80)] = MEMBRANE
-    return raw, labels
-
 
 def test_formats_dtypes_and_explicit_classes(tmp_path: Path) -> None:
-    raw, labels = volumes()
+    raw, labels = labelled_volume(3, 64)
     raw16 = raw.astype(np.uint16) * 200
     np.save(tmp_path / "raw.npy", raw16)
     store = zarr.open_array(str(tmp_path / "labels.zarr"), mode="w", shape=labels.shape, dtype=labels.dtype)
@@ -51,7 +41,7 @@ def test_formats_dtypes_and_explicit_classes(tmp_path: Path) -> None:
 
 
 def test_hdf5_float_raw_and_default_classes(tmp_path: Path) -> None:
-    raw, labels = volumes()
+    raw, labels = labelled_volume(3, 64)
     with h5py.File(tmp_path / "em.h5", "w") as f:
         f["raw"] = raw.astype(np.float32) / 255
         f["labels"] = labels.astype(np.uint16)
@@ -67,7 +57,7 @@ def test_hdf5_float_raw_and_default_classes(tmp_path: Path) -> None:
 def test_reads_only_the_sections_needed(tmp_path: Path, monkeypatch) -> None:
     import sdk.tiling.readers.folder as folder
 
-    raw, labels = volumes(sections=5)
+    raw, labels = labelled_volume(5, 64)
     for name, vol in (("raw", raw), ("labels", (labels == MITO).astype(np.uint8) * 255)):
         (tmp_path / name).mkdir()
         for z, plane in enumerate(vol):
@@ -80,8 +70,8 @@ def test_reads_only_the_sections_needed(tmp_path: Path, monkeypatch) -> None:
     assert data.classes == ["255"] and data.train_mask.shape == (2, 20, 40)
 
 
-def test_bad_volumes(tmp_path: Path) -> None:
-    raw, labels = volumes()
+def test_bad_labelled_volume(tmp_path: Path) -> None:
+    raw, labels = labelled_volume(3, 64)
     np.save(tmp_path / "raw.npy", raw)
     np.save(tmp_path / "labels.npy", labels)
     np.save(tmp_path / "short.npy", labels[:, :60])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -25,14 +24,6 @@ TINY = [
     "--base-channels", "4", "--depth", "2", "--initial-steps", "6", "--round-steps", "4",
     "--full-steps", "6", "--val-patches", "2", "--mc-samples", "2", "--quiet", "--jobs", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def simulate():
-    spec = importlib.util.spec_from_file_location("simulate", REPO / "scripts" / "simulate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rows(out: Path) -> list[dict]:

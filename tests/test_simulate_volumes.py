@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import torch
 from PIL import Image
 
 from ml_backend.simulation import SimConfig, load_vnc
-from sdk.synthetic import synthetic_em
 from sdk.tiling import open_volume
+
+from .helpers import MITO, labelled_volume
 
 h5py = pytest.importorskip("h5py")
 
@@ -25,30 +25,12 @@ TINY = [
     "--batch", "2", "--patch", "32", "--base-channels", "4", "--depth", "2", "--initial-steps", "6",
     "--round-steps", "4", "--full-steps", "6", "--val-patches", "2", "--mc-samples", "2", "--quiet",
 ]  # fmt: skip
-MITO, VESICLE, MEMBRANE = 7, 300, 5  # label values that are not 1..N
-
-
-@pytest.fixture(scope="module")
-def simulate():
-    spec = importlib.util.spec_from_file_location("simulate", REPO / "scripts" / "simulate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def synthetic_volume(sections: int = 4, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 raw and int32 labels: MITO, VESICLE, MEMBRANE (dark cytoplasm pixels) and 0."""
-    pairs = [synthetic_em(size, size, seed=z, n_classes=2) for z in range(sections)]
-    raw, masks = np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
-    labels = np.select([masks == 1, masks == 2], [MITO, VESICLE], 0).astype(np.int32)
-    labels[(labels == 0) & (raw < 80)] = MEMBRANE
-    return raw, labels
 
 
 @pytest.fixture(scope="module")
 def hdf5(tmp_path_factory) -> Path:
     """One file, 16-bit raw and multi-class labels."""
-    raw, labels = synthetic_volume()
+    raw, labels = labelled_volume()
     path = tmp_path_factory.mktemp("hdf5") / "em.h5"
     with h5py.File(path, "w") as f:
         f["raw"], f["labels"] = raw.astype(np.uint16) * 257, labels
@@ -58,7 +40,7 @@ def hdf5(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def la_folders(tmp_path_factory) -> tuple[Path, Path]:
     """Raw and mitochondria masks (0/255) as folders of greyscale+alpha PNGs."""
-    raw, labels = synthetic_volume()
+    raw, labels = labelled_volume()
     root = tmp_path_factory.mktemp("la")
     for name, volume in (("raw", raw), ("labels", np.where(labels == MITO, 255, 0).astype(np.uint8))):
         (root / name).mkdir()
