@@ -127,11 +127,18 @@ def test_predict_serves_new_checkpoint_and_regions_match(
     client: FlaskClient, image_path: str, tmp_path: Path
 ) -> None:
     assert predict(client, [{"id": 1, "data": {"image": image_path}}]).status_code == 200
-    # A training job publishes version 1 (a network whose head actually separates classes).
+    # A training job publishes version 1: a random head, each class's logit centred on its
+    # median over this image, so that every class wins somewhere and the check is not vacuous.
     net = build_unet(UNetConfig(n_classes=3))
+    features: list[torch.Tensor] = []
+    hook = net.head.register_forward_hook(lambda module, inputs, output: features.append(inputs[0]))
+    predict_image(net, load(image_path), tile=64, overlap=16)
+    hook.remove()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
         net.head.weight.copy_(torch.randn(net.head.weight.shape, generator=gen) * 5)
+        logits = net.head(torch.cat(features)).transpose(0, 1).flatten(1)
+        net.head.bias.sub_(logits.median(dim=1).values)
     store = CheckpointStore.for_project(tmp_path / "models", "12", TARGET)
     v1 = store.save(net, parent=store.latest(), metrics={})
     resp = predict(client, [{"id": 1, "data": {"image": image_path}}])

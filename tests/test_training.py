@@ -171,6 +171,10 @@ def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))  # never rises after the peak
     assert rates[-1] < 1e-6 and learning_rate(100, config) == pytest.approx(0.0)
+    # A run shorter than four warm-ups still reaches the peak, after a quarter of its steps.
+    short = TrainConfig(steps=20, learning_rate=1e-3, warmup_steps=50)
+    rates = [learning_rate(step, short) for step in range(20)]
+    assert max(rates) == pytest.approx(1e-3) and rates.index(max(rates)) == 4
 
 
 def test_augment_batch_moves_image_and_labels_together() -> None:
