@@ -26,11 +26,14 @@ background; IoU is the mean over the classes.
 
 Training is the worker's recipe (ml_backend.training, README "The model"): the initial
 model trains --initial-steps from scratch; each round fine-tunes the previous weights for
---round-steps (warm-up, cosine decay to zero) and keeps the previous weights when they
-score better on --val-patches fixed held-out patches, as the worker does; full
-supervision trains the initial model on the whole pool for --full-steps.
+--round-steps (warm-up, cosine decay to zero) and keeps the result, as the papers do
+(--keep-start: keep the previous weights when they score better on --val-patches fixed
+held-out patches, as the worker does); full supervision trains the initial model on the
+whole pool for --full-steps.
 
-Default (CPU) scaling, for the strategies x 3 seeds in < 2 h on 2 cores: the papers'
+Default (CPU) scaling, for five strategies (random, entropy, least confidence, margin
+with several classes, core-set; --strategies all for every one) x 3 seeds in < 2 h on
+2 cores: the papers'
 pool (2000 patches of 128 x 128, initial 20, batch 20), 10 rounds (200 labelled = 10 %
 of the pool at round 9), a U-Net of 4 channels at the top level and depth 5 (the
 backend's default has 8: half the cost, the same IoU on VNC), batches of 16, 1500
@@ -111,6 +114,9 @@ OPTIONS = {  # CLI option -> SimConfig field
     "sections": "sections",
     "crop": "crop",
 }
+# The CPU default: random, two uncertainty rankings and one diversity selection fit < 2 h on
+# 2 cores; BALD (8 Monte-Carlo passes), k-means, CEAL and hybrid take --strategies or --full.
+CPU_STRATEGIES = ("random", "entropy", "least_confidence", "margin", "coreset")
 BEGIN, END = "<!-- simulation:begin -->", "<!-- simulation:end -->"
 RUNS = "runs.jsonl"
 
@@ -135,11 +141,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default: %(default)s)")
     parser.add_argument(
         "--strategies",
-        help="comma-separated (default: all nine; without margin when there is one class, as it then "
-        "ranks like least_confidence)",
+        help=f"comma-separated, or 'all' (default: {', '.join(CPU_STRATEGIES)}; all with --full; margin "
+        "only with several classes, as with one it ranks like least_confidence)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     parser.add_argument("--full", action="store_true", help="the papers' sizes (for a GPU)")
+    parser.add_argument(
+        "--keep-start",
+        action="store_true",
+        help="a round keeps the previous weights when they score better on the validation patches "
+        "(the worker's rule; default: every round keeps its trained weights, as in the papers)",
+    )
     defaults = SimConfig()
     for option, name in OPTIONS.items():
         parser.add_argument(
@@ -167,6 +179,8 @@ def make_config(args: argparse.Namespace) -> SimConfig:
     for option, name in OPTIONS.items():
         if getattr(args, option) is not None:
             values[name] = getattr(args, option)
+    if args.keep_start:
+        values["keep_start"] = True
     return SimConfig(**values)
 
 
@@ -183,9 +197,10 @@ def data_source(args: argparse.Namespace) -> DataSource:
     return DataSource(args.raw, args.labels, args.classes)
 
 
-def default_strategies(n_classes: int) -> list[str]:
-    """Every strategy; margin only with several classes (with one, 1 - (p1 - p2) = 2 (1 - p1))."""
-    return [s for s in STRATEGIES if n_classes > 1 or s != "margin"]
+def default_strategies(n_classes: int, every: bool) -> list[str]:
+    """The CPU set, or every strategy; margin only with several classes (with one,
+    1 - (p1 - p2) = 2 (1 - p1) ranks like least confidence)."""
+    return [s for s in (STRATEGIES if every else CPU_STRATEGIES) if n_classes > 1 or s != "margin"]
 
 
 def simulate(args: argparse.Namespace) -> str:
@@ -198,9 +213,10 @@ def simulate(args: argparse.Namespace) -> str:
     seeds = list(range(args.seeds))
     config = make_config(args)
     data = source.load(config)
-    strategies = default_strategies(len(data.classes)) if args.strategies is None else [
-        s.strip() for s in args.strategies.split(",") if s.strip()
-    ]  # fmt: skip
+    if args.strategies is None or args.strategies == "all":
+        strategies = default_strategies(len(data.classes), every=args.full or args.strategies == "all")
+    else:
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     jobs = args.jobs if device.type == "cpu" else 1
     sim = Simulation(args.out, config, data, device=device)

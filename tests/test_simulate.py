@@ -99,3 +99,13 @@ def test_parallel_processes_give_the_serial_results(simulate, tmp_path, one_torc
     before = (parallel / "results.jsonl").read_text()
     assert simulate.main([*TINY, "--out", str(parallel), "--jobs", "2"]) == 0
     assert (parallel / "results.jsonl").read_text() == before and not (parallel / "state").exists()
+
+
+def test_default_strategies_and_keep_start_option(simulate):
+    cpu = ["random", "entropy", "least_confidence", "coreset"]
+    assert simulate.default_strategies(1, every=False) == cpu
+    assert simulate.default_strategies(3, every=False) == [*cpu[:3], "margin", "coreset"]
+    every = simulate.default_strategies(1, every=True)
+    assert "margin" not in every and {"bald", "kmeans", "ceal", "hybrid"} <= set(every)
+    assert simulate.make_config(simulate.parse_args([])).keep_start is False
+    assert simulate.make_config(simulate.parse_args(["--keep-start"])).keep_start is True
