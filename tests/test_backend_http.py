@@ -109,6 +109,42 @@ def test_bad_images_fail_alone(label_studio, backend_factory, project_with_image
     assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
 
 
+def test_local_files_only_under_the_roots(backend_factory, tmp_path):
+    """Task data must never make the backend read its own files: only LOCAL_FILES_ROOTS."""
+    ((inside, _),) = write_images(tmp_path / "root", [(96, 128)])
+    ((outside, _),) = write_images(tmp_path / "elsewhere", [(96, 128)], seed=1)
+    (tmp_path / "root" / "link.png").symlink_to(outside)
+    closed = f"http://127.0.0.1:{find_free_port()}"
+    backend = backend_factory(env={"LOCAL_FILES_ROOTS": str(tmp_path / "root"), "LABEL_STUDIO_URL": closed})
+    refs = {
+        1: str(inside),
+        2: str(outside),  # a valid PNG outside the roots
+        3: outside.as_uri(),
+        4: "file:///dev/zero",
+        5: "/dev/zero",
+        6: "/proc/self/environ",
+        7: "file:///etc",
+        8: "file:///nonexistent",
+        9: "http://[::1/x.png",
+        10: str(tmp_path / "root" / "link.png"),
+        11: inside.as_uri(),
+    }
+    resp = _predict(backend, [{"id": i, "data": {"img": ref}} for i, ref in refs.items()])
+    assert resp.status_code == 200, resp.text
+    results = {r.get("task", i + 1): r for i, r in enumerate(resp.json()["results"])}
+    assert all(0.0 <= results[i]["score"] <= 1.0 for i in (1, 11))
+    errors = {i: r["error"] for i, r in results.items() if "error" in r}
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    for i in (3, 4, 7, 8):
+        assert "only under LOCAL_FILES_ROOTS" in errors[i], errors[i]
+    for i in (2, 5, 6):  # absolute paths outside the roots are Label Studio paths, never read here
+        assert "cannot download" in errors[i] and "LOCAL_FILES_ROOTS" in errors[i], errors[i]
+    assert errors[9] == "malformed URL: ValueError: Invalid IPv6 URL"
+    assert "outside LOCAL_FILES_ROOTS" in errors[10]
+    assert not any("0x" in e for e in errors.values())
+    assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
+
+
 def test_wrong_api_key_is_named(label_studio, backend_factory, project_with_image):
     project_id, uploaded, _ = project_with_image
     backend = backend_factory(label_studio=label_studio, env={"LABEL_STUDIO_API_KEY": "0" * 40})

@@ -44,6 +44,7 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "image_timeout": 5.0,
         "tile_size": 64,
         "tile_overlap": 16,
+        "local_files_roots": (tmp_path,),
     }
     return Settings(**{**values, **overrides})
 
