@@ -30,7 +30,8 @@ class EMSegmentationModel(MLBackendBase):
 
     @property
     def model_version(self) -> str:
-        return self.store.latest().name
+        """The version actually served: past a corrupt newest file, the one that loaded."""
+        return self.runtime.registry.current(self.store).version.name
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
         model = self.runtime.registry.current(self.store)  # every task of this request uses it

@@ -159,7 +159,9 @@ def create_app(
             log.warning("task %s not predicted: %s", r.get("task"), r["error"])
         if len(failed) == len(results):
             return jsonify(error=f"no task could be predicted: {failed[0]['error']}", results=results), 422
-        return jsonify(results=results, model_version=model.model_version), 200
+        # The version the predictions came from, even if a newer one was loaded meanwhile.
+        served = next((r["model_version"] for r in results if "model_version" in r), model.model_version)
+        return jsonify(results=results, model_version=served), 200
 
     @app.post("/webhook")
     def webhook() -> Response:

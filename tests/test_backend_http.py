@@ -3,6 +3,7 @@ one bad task never fails the others, and the server keeps serving afterwards."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 import requests
 from PIL import Image
 
+from ml_backend.label_config import parse_brush_target
+from ml_backend.network import build_unet
 from sdk.local_stack import find_free_port
 
-from .helpers import BRUSH_CONFIG, write_images
+from .helpers import BRUSH_CONFIG, SMALL_NET, publish, write_images
 
 pytestmark = pytest.mark.integration
 
@@ -143,6 +146,33 @@ def test_local_files_only_under_the_roots(backend_factory, tmp_path):
     assert "outside LOCAL_FILES_ROOTS" in errors[10]
     assert not any("0x" in e for e in errors.values())
     assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
+
+
+def test_corrupt_history_is_rebuilt_and_the_served_version_reported(backend_factory, tmp_path):
+    """A corrupt manifest and a corrupt newest file: the newest intact version is served and named."""
+    model_dir = tmp_path / "models"
+    v1, v2, v3 = (publish(build_unet(SMALL_NET, seed=s), model_dir, 5) for s in (1, 2, 3))
+    root = model_dir / "project-5" / parse_brush_target(BRUSH_CONFIG).signature
+    (root / "v3.pt").write_bytes(b"torn")
+    (root / "manifest.json").write_text('{"versions": [')
+    files = {p.name: p.read_bytes() for p in root.glob("v*.pt")}
+    ((path, _),) = write_images(tmp_path / "img", [(96, 128)])
+    backend = backend_factory(model_dir=model_dir)
+
+    setup = _post(f"{backend.url}/setup", json={"project": "5.0", "schema": BRUSH_CONFIG})
+    assert setup.json() == {"model_version": v2.name}
+    body = _predict(backend, [{"id": 1, "data": {"img": str(path)}}], project="5.0").json()
+    assert body["model_version"] == body["results"][0]["model_version"] == v2.name
+    # The next training run's save is a new version: nothing overwritten, nothing dropped.
+    v4 = publish(build_unet(SMALL_NET, seed=4), model_dir, 5)
+    assert v4.number == 4 and all((root / name).read_bytes() == data for name, data in files.items())
+    assert [e["name"] for e in json.loads((root / "manifest.json").read_text())["versions"]] == [
+        v1.name,
+        v2.name,
+        v4.name,
+    ]
+    body = _predict(backend, [{"id": 1, "data": {"img": str(path)}}], project="5.0").json()
+    assert body["model_version"] == body["results"][0]["model_version"] == v4.name
 
 
 def test_wrong_api_key_is_named(label_studio, backend_factory, project_with_image):
