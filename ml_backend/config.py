@@ -54,6 +54,7 @@ class Settings:
     image_cache_mb: int = 512
     image_timeout: float = 30.0
     local_files_roots: tuple[Path, ...] = ()
+    max_request_bytes: int = 32 * 2**20
     threads: int = 4
     queue_name: str = "emloop"
     train_debounce: float = 10.0
@@ -82,6 +83,7 @@ class Settings:
             image_cache_mb=_int("IMAGE_CACHE_MB", cls.image_cache_mb),
             image_timeout=_float("IMAGE_TIMEOUT", cls.image_timeout),
             local_files_roots=_roots(),
+            max_request_bytes=_int("MAX_REQUEST_MB", cls.max_request_bytes // 2**20) * 2**20,
             threads=_int("THREADS", cls.threads),
             queue_name=os.environ.get("RQ_QUEUE", cls.queue_name),
             train_debounce=_float("TRAIN_DEBOUNCE_SECONDS", cls.train_debounce),

@@ -32,11 +32,39 @@ class BadRequest(Exception):
         self.status = status
 
 
+# Label Studio's webhook actions; any other is counted as "other", so callers cannot grow /metrics.
+WEBHOOK_ACTIONS = frozenset(
+    {
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "TASKS_CREATED",
+        "TASKS_DELETED",
+        "ANNOTATION_CREATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATIONS_DELETED",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+        "START_TRAINING",
+    }
+)
+
+
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
+
+
+def _utf8(text: str | None) -> bytes:
+    """`hmac.compare_digest` takes non-ASCII only as bytes."""
+    return (text or "").encode("utf-8", "surrogateescape")
 
 
 def create_app(
@@ -47,7 +75,13 @@ def create_app(
     metrics = runtime.metrics
     configs: dict[str, str] = {}  # project → label config seen in /setup or /predict
     app = Flask("emloop")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
     app.extensions["emloop.runtime"] = runtime
+
+    def refuse(message: str, status: int) -> tuple[Response, int]:
+        """A caller error, logged with its reason: Label Studio shows only the status code."""
+        log.warning("%s %r refused (%d): %r", request.method, request.path, status, message)
+        return jsonify(error=message), status
 
     def make_model(project: Any, label_config: str | None) -> MLBackendBase:
         try:
@@ -72,13 +106,13 @@ def create_app(
         auth = request.authorization
         ok = (
             auth is not None
-            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+            and hmac.compare_digest(_utf8(auth.username), _utf8(settings.basic_auth_user))
+            and hmac.compare_digest(_utf8(auth.password), _utf8(settings.basic_auth_pass))
         )
         if ok:
             return None
-        resp = jsonify(error="authentication required")
-        resp.status_code = 401
+        resp, status = refuse("authentication required", 401)
+        resp.status_code = status
         resp.headers["WWW-Authenticate"] = 'Basic realm="emloop"'
         return resp
 
@@ -103,7 +137,7 @@ def create_app(
 
     @app.errorhandler(BadRequest)
     def _bad_request(exc: BadRequest) -> tuple[Response, int]:
-        return jsonify(error=str(exc)), exc.status
+        return refuse(str(exc), exc.status)
 
     @app.errorhandler(RedisError)
     def _redis_down(exc: RedisError) -> tuple[Response, int]:
@@ -112,7 +146,7 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify(error=exc.description or exc.name), exc.code or 500
+        return refuse(exc.description or exc.name, exc.code or 500)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
@@ -169,7 +203,8 @@ def create_app(
         action = body.get("action")
         if not isinstance(action, str) or not action:
             raise BadRequest("webhook body has no `action`")
-        metrics.inc("emloop_webhooks_total", help="webhook events received", action=action)
+        counted = action if action in WEBHOOK_ACTIONS | model_class.TRAINING_EVENTS else "other"
+        metrics.inc("emloop_webhooks_total", help="webhook events received", action=counted)
         if action not in model_class.TRAINING_EVENTS:
             return jsonify(status="ignored", action=action)
         project = body.get("project")

@@ -148,6 +148,59 @@ def test_local_files_only_under_the_roots(backend_factory, tmp_path):
     assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
 
 
+def test_caller_errors_are_4xx_with_their_reason_logged(backend_factory):
+    """Hostile or broken input never gets a 5xx; each refusal's reason is in the log, without secrets."""
+    backend = backend_factory(
+        env={"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "s3cret", "MAX_REQUEST_MB": "1"}
+    )
+    url, auth = backend.url, ("ls", "s3cret")
+
+    def post(route: str, **kwargs) -> requests.Response:
+        return _post(f"{url}{route}", auth=kwargs.pop("auth", auth), **kwargs)
+
+    nested = '{"tasks": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    long_id = "1" * 300
+    webhook = {"action": "ANNOTATION_CREATED", "project": {"id": long_id, "label_config": BRUSH_CONFIG}}
+    cases = [
+        (post("/predict", data=nested, headers={"Content-Type": "application/json"}), 400, "nested"),
+        (post("/setup", json={"project": f"{long_id}.0", "schema": BRUSH_CONFIG}), 400, "project id"),
+        (post("/webhook", json=webhook), 400, "project id"),
+        (requests.get(f"{url}/status/{long_id}", auth=auth, timeout=10), 400, "project id"),
+        (post("/setup", json={"project": "١٢", "schema": BRUSH_CONFIG}), 400, "project id"),
+        (post("/health", auth=("émile".encode(), "pässwörd".encode())), 401, "authentication"),
+        (post("/setup", auth=(b"\xff\xfe", b"\xc3"), json={}), 401, "authentication"),
+        (
+            post("/setup", data=b"{" + b" " * 2**20 + b"}", headers={"Content-Type": "application/json"}),
+            413,
+            "",
+        ),
+    ]
+    for resp, status, reason in cases:
+        assert resp.status_code == status, (status, resp.text[:300])
+        assert reason in resp.json()["error"]
+    assert requests.get(f"{url}/health", auth=auth, timeout=1).status_code == 200
+    log = backend.log_path.read_text()
+    assert log.count("WARNING") >= len(cases) and "s3cret" not in log and "pässwörd" not in log
+    assert "nested too deeply" in log and "invalid project id" in log
+
+
+def test_metrics_cannot_be_injected_or_grown_by_webhooks(backend_factory):
+    backend = backend_factory()
+    for i in range(50):
+        resp = _post(
+            f"{backend.url}/webhook", json={"action": f'X{i}"}} 1\nemloop_fake{{a="b', "project": {"id": 1}}
+        )
+        assert resp.status_code == 200 and resp.json()["status"] == "ignored"
+    _post(f"{backend.url}/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
+    text = requests.get(f"{backend.url}/metrics", timeout=10).text
+    assert not any(line.startswith("emloop_fake") for line in text.splitlines())
+    webhooks = [line for line in text.splitlines() if line.startswith("emloop_webhooks_total")]
+    assert sorted(webhooks) == [
+        'emloop_webhooks_total{action="PROJECT_UPDATED"} 1',
+        'emloop_webhooks_total{action="other"} 50',
+    ]
+
+
 def test_corrupt_history_is_rebuilt_and_the_served_version_reported(backend_factory, tmp_path):
     """A corrupt manifest and a corrupt newest file: the newest intact version is served and named."""
     model_dir = tmp_path / "models"
