@@ -55,6 +55,8 @@ class Settings:
     image_timeout: float = 30.0
     local_files_roots: tuple[Path, ...] = ()
     max_request_bytes: int = 32 * 2**20
+    predict_queue: int = 8
+    max_labels: int = 32
     threads: int = 4
     queue_name: str = "emloop"
     train_debounce: float = 10.0
@@ -84,6 +86,8 @@ class Settings:
             image_timeout=_float("IMAGE_TIMEOUT", cls.image_timeout),
             local_files_roots=_roots(),
             max_request_bytes=_int("MAX_REQUEST_MB", cls.max_request_bytes // 2**20) * 2**20,
+            predict_queue=max(1, _int("PREDICT_QUEUE", cls.predict_queue)),
+            max_labels=_int("MAX_LABELS", cls.max_labels),
             threads=_int("THREADS", cls.threads),
             queue_name=os.environ.get("RQ_QUEUE", cls.queue_name),
             train_debounce=_float("TRAIN_DEBOUNCE_SECONDS", cls.train_debounce),

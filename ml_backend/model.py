@@ -23,7 +23,7 @@ class EMSegmentationModel(MLBackendBase):
     TRAINING_EVENTS = TRAINING_EVENTS
 
     def setup(self) -> None:
-        self.target = parse_brush_target(self.label_config)
+        self.target = parse_brush_target(self.label_config, self.runtime.settings.max_labels)
         self.store = CheckpointStore.for_project(
             self.runtime.settings.model_dir, self.project_id, self.target
         )

@@ -26,10 +26,15 @@ from .training_queue import all_statuses
 log = logging.getLogger(__name__)
 
 
-class BadRequest(Exception):
+class Refused(Exception):
+    """A request answered with an error status and the reason (4xx; 503 when busy)."""
+
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+RETRY_AFTER_SECONDS = 5  # a busy /predict: about a few forward passes
 
 
 # Label Studio's webhook actions; any other is counted as "other", so callers cannot grow /metrics.
@@ -56,9 +61,9 @@ def _json_body() -> dict:
     try:
         body = request.get_json(silent=True)
     except RecursionError:
-        raise BadRequest("request body is nested too deeply") from None
+        raise Refused("request body is nested too deeply") from None
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise Refused("request body must be a JSON object")
     return body
 
 
@@ -87,14 +92,14 @@ def create_app(
         try:
             key = project_key(project)
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            raise Refused(str(exc)) from None
         label_config = label_config or configs.get(key)
         if not label_config:
-            raise BadRequest("no label_config in the request and none known for this project")
+            raise Refused("no label_config in the request and none known for this project")
         try:
             model = model_class(key, label_config, runtime)
         except LabelConfigError as exc:
-            raise BadRequest(f"label config: {exc}") from None
+            raise Refused(f"label config: {exc}") from None
         configs[key] = label_config
         return model
 
@@ -135,9 +140,12 @@ def create_app(
             )
         return resp
 
-    @app.errorhandler(BadRequest)
-    def _bad_request(exc: BadRequest) -> tuple[Response, int]:
-        return refuse(str(exc), exc.status)
+    @app.errorhandler(Refused)
+    def _refused(exc: Refused) -> tuple[Response, int]:
+        resp, status = refuse(str(exc), exc.status)
+        if status == 503:
+            resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return resp, status
 
     @app.errorhandler(RedisError)
     def _redis_down(exc: RedisError) -> tuple[Response, int]:
@@ -171,12 +179,22 @@ def create_app(
 
     @app.post("/predict")
     def predict() -> tuple[Response, int]:
+        if not runtime.predict_admission.acquire(blocking=False):
+            raise Refused(
+                f"busy: {settings.predict_queue} predictions queued (PREDICT_QUEUE); retry later", 503
+            )
+        try:
+            return _predict()
+        finally:
+            runtime.predict_admission.release()
+
+    def _predict() -> tuple[Response, int]:
         body = _json_body()
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
-            raise BadRequest("`tasks` must be a list of Label Studio tasks")
+            raise Refused("`tasks` must be a list of Label Studio tasks")
         if not tasks:
-            raise BadRequest("`tasks` is empty: nothing to predict")
+            raise Refused("`tasks` is empty: nothing to predict")
         model = make_model(body.get("project"), body.get("label_config"))
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         good = [t for t in tasks if isinstance(t, dict)]
@@ -202,7 +220,7 @@ def create_app(
         body = _json_body()
         action = body.get("action")
         if not isinstance(action, str) or not action:
-            raise BadRequest("webhook body has no `action`")
+            raise Refused("webhook body has no `action`")
         counted = action if action in WEBHOOK_ACTIONS | model_class.TRAINING_EVENTS else "other"
         metrics.inc("emloop_webhooks_total", help="webhook events received", action=counted)
         if action not in model_class.TRAINING_EVENTS:
@@ -222,7 +240,7 @@ def create_app(
         try:
             key = project_key(project)
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            raise Refused(str(exc)) from None
         return jsonify(runtime.training(key).status())
 
     @app.get("/metrics")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -261,6 +262,56 @@ def test_health_answers_while_predicting(backend_factory, tmp_path):
         done.wait(0.2)
     worker.join()
     assert checked >= 2, "the prediction finished before /health could be checked during it"
+
+
+def test_health_answers_within_a_second_under_a_burst_of_predictions(backend_factory, tmp_path):
+    """8 concurrent /predict clients (Label Studio's bulk pre-annotation) while it polls /health."""
+    ((path, _),) = write_images(tmp_path / "img", [(1024, 1024)])
+    backend = backend_factory()
+    statuses: list[int] = []
+
+    def client() -> None:
+        for _ in range(2):
+            statuses.append(_predict(backend, [{"id": 1, "data": {"img": str(path)}}]).status_code)
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for c in clients:
+        c.start()
+    polls = 0
+    while any(c.is_alive() for c in clients):
+        # Label Studio's own client timeout: a slower answer shows the model as disconnected.
+        assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
+        assert requests.post(
+            f"{backend.url}/setup", json={"project": "1.0", "schema": BRUSH_CONFIG}, timeout=3
+        ).ok
+        polls += 1
+        time.sleep(0.1)
+    for c in clients:
+        c.join()
+    assert polls >= 5 and statuses == [200] * 16
+
+
+def test_predictions_beyond_the_queue_get_503_with_retry_after(backend_factory, tmp_path):
+    ((path, _),) = write_images(tmp_path / "img", [(1536, 1536)])
+    backend = backend_factory(env={"PREDICT_QUEUE": "1"})
+    responses: list[requests.Response] = []
+    clients = [
+        threading.Thread(
+            target=lambda: responses.append(_predict(backend, [{"id": 1, "data": {"img": str(path)}}]))
+        )
+        for _ in range(4)
+    ]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(
+        r.headers["Retry-After"] == "5" and "PREDICT_QUEUE" in r.json()["error"] for r in busy
+    )
+    assert all(r.status_code in (200, 503) for r in responses) and any(
+        r.status_code == 200 for r in responses
+    )
 
 
 def test_personal_access_token_fetches_images(label_studio, backend_factory, project_with_image):

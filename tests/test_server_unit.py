@@ -341,6 +341,12 @@ def test_hostile_input_gets_4xx_never_5xx(tmp_path: Path) -> None:
     assert client.get("/health", headers=ok).status_code == 200
 
 
+def test_label_count_limit(tmp_path: Path) -> None:
+    client = create_app(make_settings(tmp_path, max_labels=1)).test_client()
+    error = assert_clean_error(client.post("/setup", json={"project": "1", "schema": CONFIG}), 400)
+    assert "has 2 labels, more than 1 (MAX_LABELS)" in error
+
+
 def test_metrics_labels_are_escaped_and_bounded(client: FlaskClient) -> None:
     for i in range(20):
         client.post("/webhook", json={"action": f'A{i}"}} 1\nemloop_injected 1\n#', "project": {"id": 1}})
