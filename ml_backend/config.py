@@ -34,7 +34,7 @@ def _roots() -> tuple[Path, ...]:
     """LOCAL_FILES_ROOTS (os.pathsep-separated) plus Label Studio's local-files document root."""
     raw = os.environ.get("LOCAL_FILES_ROOTS", "").split(os.pathsep)
     raw += [os.environ.get(f"{p}LOCAL_FILES_DOCUMENT_ROOT", "") for p in ("LABEL_STUDIO_", "")]
-    return tuple(dict.fromkeys(Path(r.strip()).resolve() for r in raw if r.strip()))
+    return tuple(dict.fromkeys(Path(os.path.abspath(r.strip())) for r in raw if r.strip()))
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,9 @@ class ImageFetcher:
         self.max_pixels = max_pixels
         self.cache_bytes = cache_bytes
         self.timeout = timeout
-        self.local_roots = tuple(Path(r).resolve() for r in local_roots)
+        # As given (a path may name a root through its link) and resolved (where files really are).
+        self.local_roots = tuple(Path(os.path.abspath(r)) for r in local_roots)
+        self._resolved_roots = tuple(r.resolve() for r in self.local_roots)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
@@ -181,26 +183,31 @@ class ImageFetcher:
             if parsed.netloc not in ("", "localhost"):
                 raise ImageError(f"{shown(url)}: file URLs must name a local file")
             path = Path(unquote(parsed.path))
-        elif parsed.scheme or (url.startswith("/") and not self._under_root(Path(url))):
+        elif parsed.scheme or (url.startswith("/") and not self._under_root(Path(url), self._any_roots)):
             return None
         else:
             path = Path(url)
-        if not self._under_root(path):
+        if not self._under_root(path, self._any_roots):
             raise ImageError(f"{shown(url)}: local files are read only under LOCAL_FILES_ROOTS")
         try:
             resolved = path.resolve(strict=True)
         except (OSError, RuntimeError):
             raise ImageError(f"{shown(url)}: no such file") from None
-        if not self._under_root(resolved):
+        if not self._under_root(resolved, self._resolved_roots):
             raise ImageError(f"{shown(url)}: links to a file outside LOCAL_FILES_ROOTS")
         st = resolved.stat()
         if not stat.S_ISREG(st.st_mode):
             raise ImageError(f"{shown(url)}: not a regular file")
         return resolved, st.st_mtime_ns
 
-    def _under_root(self, path: Path) -> bool:
+    @property
+    def _any_roots(self) -> tuple[Path, ...]:
+        return self.local_roots + self._resolved_roots
+
+    @staticmethod
+    def _under_root(path: Path, roots: tuple[Path, ...]) -> bool:
         absolute = Path(os.path.abspath(path))  # `..` removed without following links
-        return any(absolute.is_relative_to(root) for root in self.local_roots)
+        return any(absolute.is_relative_to(root) for root in roots)
 
     def _read_file(self, path: Path) -> bytes:
         # O_NONBLOCK: a FIFO swapped in after the check must not hang the request.

@@ -230,6 +230,15 @@ def test_links_out_of_the_roots_and_non_regular_files_are_refused(tmp_path: Path
     np.testing.assert_array_equal(fetcher.fetch(str(root / "alias.png")), grey8())
 
 
+def test_a_root_named_through_a_link(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.png").write_bytes(png_bytes(grey8()))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    fetcher = local_fetcher(tmp_path / "link")
+    for path in (tmp_path / "link" / "a.png", tmp_path / "real" / "a.png"):
+        np.testing.assert_array_equal(fetcher.fetch(str(path)), grey8())
+
+
 def test_byte_limit_holds_while_reading_a_root_device(tmp_path: Path) -> None:
     """/dev and /proc report st_size 0; the limit must hold on what is read, not on stat."""
     fetcher = ImageFetcher("http://127.0.0.1:1", max_bytes=1000, local_roots=(Path("/proc"),))
