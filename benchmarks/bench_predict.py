@@ -62,7 +62,8 @@ def main() -> None:
             "label_config": CONFIG,
             "tasks": [{"id": 1, "data": {"image": str(image_path)}}],
         }
-        with BackendServer({"MODEL_DIR": str(Path(tmp) / "models")}) as backend:
+        env = {"MODEL_DIR": str(Path(tmp) / "models"), "LOCAL_FILES_ROOTS": str(image_path.parent)}
+        with BackendServer(env) as backend:
             cold_started = time.perf_counter()
             requests.post(f"{backend.url}/predict", json=body, timeout=300).raise_for_status()
             cold = time.perf_counter() - cold_started

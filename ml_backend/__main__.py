@@ -22,7 +22,8 @@ class _Gunicorn(BaseApplication):
         self.cfg.set("bind", f"{s.host}:{s.port}")
         self.cfg.set("workers", 1)
         self.cfg.set("worker_class", "gthread")
-        self.cfg.set("threads", s.threads)
+        # Admitted predictions may all wait for the inference slot: THREADS more stay free.
+        self.cfg.set("threads", s.threads + s.predict_queue)
         self.cfg.set("timeout", 600)
         self.cfg.set("accesslog", "-")
 

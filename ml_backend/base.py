@@ -10,14 +10,17 @@ from typing import Any
 
 from .runtime import Runtime
 
+MAX_PROJECT_ID = 64  # characters: the id names a directory, and file names have limits
+
 
 def project_key(project: Any) -> str:
     """Label Studio sends `"<id>.<created-timestamp>"` to /predict and /setup, `{"id": ...}` to /webhook."""
     if isinstance(project, dict):
         project = project.get("id")
     key = str(project if project is not None else "").split(".")[0].strip()
-    if not key or not key.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"invalid project id {project!r}")
+    core = key.replace("-", "").replace("_", "")
+    if not core or not core.isascii() or not core.isalnum() or len(key) > MAX_PROJECT_ID:
+        raise ValueError(f"invalid project id {project!r:.80}")
     return key
 
 

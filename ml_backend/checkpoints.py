@@ -4,7 +4,9 @@ Layout: ``MODEL_DIR/project-<id>/<label-signature>/`` holds ``v<N>.pt`` files an
 ``manifest.json`` (the versions with their metrics and SHA-256). A file is
 written to a temporary name, fsynced and renamed before the manifest names it,
 so a killed writer never leaves a half-written checkpoint that a reader could
-pick; a file whose hash does not match the manifest is skipped on load.
+pick; a file whose hash does not match the manifest is skipped on load. Each
+file also embeds its version record, so a lost or corrupt manifest is rebuilt
+from the intact files, and a new version never reuses an existing file name.
 Version 0 is the untrained initial network: it is built from a fixed seed,
 never written, and served until training produces version 1.
 """
@@ -17,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +36,7 @@ from .network import UNet, UNetConfig, build_unet
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -56,17 +60,26 @@ def version_name(number: int, target: BrushTarget) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[UNet, str]:
-    """The network in a ``v<N>.pt`` file (``{"config", "state_dict"}``) and the file's SHA-256.
+    """The network in a ``v<N>.pt`` file (``{"config", "state_dict", "version"}``) and the file's SHA-256.
 
     With ``sha256`` the file must still be the one the run was planned with.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    data = _read(Path(path))
     digest = hashlib.sha256(data).hexdigest()
     if sha256 is not None and digest != sha256:
         raise CheckpointError(f"checkpoint {path} changed since the run was planned (SHA-256 differs)")
+    return _decode(data, path)[0], digest
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+
+
+def _decode(data: bytes, path: str | os.PathLike[str]) -> tuple[UNet, dict]:
+    """The network and the whole payload (its embedded version record rebuilds a lost manifest)."""
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         net = UNet(UNetConfig(**payload["config"]))
@@ -74,7 +87,7 @@ def load_checkpoint(path: str | os.PathLike[str], sha256: str | None = None) -> 
     except Exception as exc:  # any decoding problem means the file is unusable
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CheckpointError(f"{path} is not a valid emloop checkpoint: {reason}") from None
-    return net.eval(), digest
+    return net.eval(), payload
 
 
 class CheckpointStore:
@@ -99,16 +112,83 @@ class CheckpointStore:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def versions(self) -> list[Version]:
-        """All recorded versions, oldest first, version 0 included."""
-        initial = Version(0, version_name(0, self.target))
+        """All recorded versions, oldest first, version 0 included.
+
+        An unreadable manifest is rebuilt from the intact version files (see `_repair`):
+        falling back to version 0 would serve the untrained network and let the next save
+        reuse, and overwrite, a version number.
+        """
         try:
-            data = json.loads((self.root / MANIFEST).read_text())
+            return self._read_manifest()
+        except (OSError, ValueError, TypeError, KeyError):
+            if not self._version_files():
+                return [self._initial()]
+        with self._locked():
+            return self._repair()
+
+    def _initial(self) -> Version:
+        return Version(0, version_name(0, self.target))
+
+    def _read_manifest(self) -> list[Version]:
+        data = json.loads((self.root / MANIFEST).read_text())
+        return [self._initial(), *(Version(**entry) for entry in data["versions"])]
+
+    def _version_files(self) -> dict[int, Path]:
+        files = (VERSION_FILE.fullmatch(p.name) for p in self.root.glob("v*.pt"))
+        return {int(m.group(1)): self.root / m.group(0) for m in files if m}
+
+    def _repair(self) -> list[Version]:
+        """Under the lock: the manifest's versions, or, if it is unreadable, the intact files'.
+
+        Each file gives its own SHA-256 and the version record embedded at save time; the
+        unreadable manifest is kept beside the new one for inspection.
+        """
+        try:
+            return self._read_manifest()
         except FileNotFoundError:
-            return [initial]
-        except (OSError, ValueError) as exc:
-            log.error("unreadable manifest %s: %s", self.root / MANIFEST, exc)
-            return [initial]
-        return [initial, *(Version(**entry) for entry in data.get("versions", []))]
+            if not self._version_files():
+                return [self._initial()]  # a new lineage
+            reason = "missing"
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            reason = f"unreadable ({type(exc).__name__}: {exc})"
+        versions = [self._initial()]
+        for number, path in sorted(self._version_files().items()):
+            try:
+                data = _read(path)
+                record = json.loads(_decode(data, path)[1].get("version", "{}"))
+            except (CheckpointError, ValueError, AttributeError) as exc:
+                log.error("not in the rebuilt manifest: %s", exc)
+                continue
+            versions.append(
+                Version(
+                    number=number,
+                    name=version_name(number, self.target),
+                    file=path.name,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    created=record.get("created", path.stat().st_mtime),
+                    parent=record.get("parent"),
+                    metrics=record.get("metrics", {}),
+                )
+            )
+        log.error(
+            "manifest %s %s: rebuilt from %d intact checkpoint files",
+            self.root / MANIFEST,
+            reason,
+            len(versions) - 1,
+        )
+        manifest = self.root / MANIFEST
+        try:
+            if manifest.exists():
+                os.replace(manifest, manifest.with_name(f"{MANIFEST}.unreadable-{time.time():.0f}"))
+            self._write_manifest(versions)
+        except OSError as exc:  # a read-only MODEL_DIR: serve the rebuilt history all the same
+            log.error("cannot write the rebuilt manifest %s: %s", manifest, exc)
+        return versions
+
+    def _write_manifest(self, versions: list[Version]) -> None:
+        entries = [asdict(v) for v in versions[1:]]
+        manifest = {"labels": list(self.target.labels), "versions": entries}
+        atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     def latest(self) -> Version:
         return self.versions()[-1]
@@ -143,25 +223,28 @@ class CheckpointStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def save(self, net: UNet, *, parent: Version | None, metrics: dict) -> Version:
-        """Write the next version: checkpoint file first, then the manifest naming it."""
-        buffer = io.BytesIO()
+        """Write the next version: checkpoint file first, then the manifest naming it.
+
+        The number is past every recorded version and every file on disk, so no save ever
+        replaces an existing file (a stray one from a writer killed before its manifest update).
+        """
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        torch.save({"config": net.config.to_dict(), "state_dict": state}, buffer)
-        data = buffer.getvalue()
         with self._locked():
-            existing = self.versions()
-            number = existing[-1].number + 1
+            existing = self._repair()
+            number = max([existing[-1].number, *self._version_files()]) + 1
+            record = {"created": time.time(), "parent": parent.name if parent else None, "metrics": metrics}
+            buffer = io.BytesIO()
+            # As JSON text, like the manifest: `weights_only` loading takes any string.
+            payload = {"config": net.config.to_dict(), "state_dict": state, "version": json.dumps(record)}
+            torch.save(payload, buffer)
+            data = buffer.getvalue()
             version = Version(
                 number=number,
                 name=version_name(number, self.target),
                 file=f"v{number}.pt",
                 sha256=hashlib.sha256(data).hexdigest(),
-                created=time.time(),
-                parent=parent.name if parent else None,
-                metrics=metrics,
+                **record,
             )
             atomic_write_bytes(self.root / version.file, data)
-            entries = [asdict(v) for v in existing[1:]] + [asdict(version)]
-            manifest = {"labels": list(self.target.labels), "versions": entries}
-            atomic_write_bytes(self.root / MANIFEST, json.dumps(manifest, indent=1).encode())
+            self._write_manifest([*existing, version])
         return version

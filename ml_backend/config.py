@@ -30,6 +30,13 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
 
 
+def _roots() -> tuple[Path, ...]:
+    """LOCAL_FILES_ROOTS (os.pathsep-separated) plus Label Studio's local-files document root."""
+    raw = os.environ.get("LOCAL_FILES_ROOTS", "").split(os.pathsep)
+    raw += [os.environ.get(f"{p}LOCAL_FILES_DOCUMENT_ROOT", "") for p in ("LABEL_STUDIO_", "")]
+    return tuple(dict.fromkeys(Path(os.path.abspath(r.strip())) for r in raw if r.strip()))
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
@@ -46,6 +53,10 @@ class Settings:
     max_image_pixels: int = 16384 * 16384
     image_cache_mb: int = 512
     image_timeout: float = 30.0
+    local_files_roots: tuple[Path, ...] = ()
+    max_request_bytes: int = 32 * 2**20
+    predict_queue: int = 8
+    max_labels: int = 32
     threads: int = 4
     queue_name: str = "emloop"
     train_debounce: float = 10.0
@@ -73,6 +84,10 @@ class Settings:
             max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
             image_cache_mb=_int("IMAGE_CACHE_MB", cls.image_cache_mb),
             image_timeout=_float("IMAGE_TIMEOUT", cls.image_timeout),
+            local_files_roots=_roots(),
+            max_request_bytes=_int("MAX_REQUEST_MB", cls.max_request_bytes // 2**20) * 2**20,
+            predict_queue=max(1, _int("PREDICT_QUEUE", cls.predict_queue)),
+            max_labels=_int("MAX_LABELS", cls.max_labels),
             threads=_int("THREADS", cls.threads),
             queue_name=os.environ.get("RQ_QUEUE", cls.queue_name),
             train_debounce=_float("TRAIN_DEBOUNCE_SECONDS", cls.train_debounce),

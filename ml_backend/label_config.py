@@ -38,8 +38,11 @@ class BrushTarget:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def parse_brush_target(label_config: str | None) -> BrushTarget:
-    """Return the first `BrushLabels` control that points at an `Image`."""
+def parse_brush_target(label_config: str | None, max_labels: int | None = None) -> BrushTarget:
+    """Return the first `BrushLabels` control that points at an `Image`.
+
+    `max_labels` bounds the classes: prediction memory grows with pixels × classes.
+    """
     if not label_config or not label_config.strip():
         raise LabelConfigError("label config is empty")
     try:
@@ -67,6 +70,11 @@ def parse_brush_target(label_config: str | None) -> BrushTarget:
         )
         if not labels:
             raise LabelConfigError(f"<BrushLabels name={from_name!r}> has no <Label> values")
+        if max_labels is not None and len(labels) > max_labels:
+            raise LabelConfigError(
+                f"<BrushLabels name={from_name!r}> has {len(labels)} labels,"
+                f" more than {max_labels} (MAX_LABELS)"
+            )
         if len(set(labels)) != len(labels):
             raise LabelConfigError(f"<BrushLabels name={from_name!r}> repeats a <Label> value")
         value = images[to_name]

@@ -6,10 +6,15 @@ import threading
 from collections import defaultdict
 
 
+def _escape(value: str) -> str:
+    """The text format's escaping: a value can never end its line or its quotes."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 def _labels(labels: dict[str, str]) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(34), chr(39))}"' for k, v in sorted(labels.items()))
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
     return "{" + inner + "}"
 
 

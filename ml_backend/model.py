@@ -23,14 +23,15 @@ class EMSegmentationModel(MLBackendBase):
     TRAINING_EVENTS = TRAINING_EVENTS
 
     def setup(self) -> None:
-        self.target = parse_brush_target(self.label_config)
+        self.target = parse_brush_target(self.label_config, self.runtime.settings.max_labels)
         self.store = CheckpointStore.for_project(
             self.runtime.settings.model_dir, self.project_id, self.target
         )
 
     @property
     def model_version(self) -> str:
-        return self.store.latest().name
+        """The version actually served: past a corrupt newest file, the one that loaded."""
+        return self.runtime.registry.current(self.store).version.name
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
         model = self.runtime.registry.current(self.store)  # every task of this request uses it

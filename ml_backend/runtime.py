@@ -23,6 +23,11 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     # One forward pass at a time: CPU cores are shared and memory stays bounded.
     inference_slot: threading.Semaphore = field(default_factory=lambda: threading.BoundedSemaphore(1))
+    # /predict requests admitted at once (one in the forward pass, the others waiting for it);
+    # more are refused at once, so request threads stay free for /health, /setup and /webhook.
+    predict_admission: threading.Semaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(Settings.predict_queue)
+    )
 
     @cached_property
     def redis(self) -> Redis:
@@ -38,4 +43,5 @@ class Runtime:
             settings=settings,
             registry=ModelRegistry(),
             images=ImageFetcher.from_settings(settings),
+            predict_admission=threading.BoundedSemaphore(settings.predict_queue),
         )

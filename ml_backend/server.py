@@ -26,17 +26,50 @@ from .training_queue import all_statuses
 log = logging.getLogger(__name__)
 
 
-class BadRequest(Exception):
+class Refused(Exception):
+    """A request answered with an error status and the reason (4xx; 503 when busy)."""
+
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
 
 
+RETRY_AFTER_SECONDS = 5  # a busy /predict: about a few forward passes
+
+
+# Label Studio's webhook actions; any other is counted as "other", so callers cannot grow /metrics.
+WEBHOOK_ACTIONS = frozenset(
+    {
+        "PROJECT_CREATED",
+        "PROJECT_UPDATED",
+        "PROJECT_DELETED",
+        "TASKS_CREATED",
+        "TASKS_DELETED",
+        "ANNOTATION_CREATED",
+        "ANNOTATIONS_CREATED",
+        "ANNOTATION_UPDATED",
+        "ANNOTATIONS_DELETED",
+        "LABEL_LINK_CREATED",
+        "LABEL_LINK_UPDATED",
+        "LABEL_LINK_DELETED",
+        "START_TRAINING",
+    }
+)
+
+
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise Refused("request body is nested too deeply") from None
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
+        raise Refused("request body must be a JSON object")
     return body
+
+
+def _utf8(text: str | None) -> bytes:
+    """`hmac.compare_digest` takes non-ASCII only as bytes."""
+    return (text or "").encode("utf-8", "surrogateescape")
 
 
 def create_app(
@@ -47,20 +80,26 @@ def create_app(
     metrics = runtime.metrics
     configs: dict[str, str] = {}  # project → label config seen in /setup or /predict
     app = Flask("emloop")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
     app.extensions["emloop.runtime"] = runtime
+
+    def refuse(message: str, status: int) -> tuple[Response, int]:
+        """A caller error, logged with its reason: Label Studio shows only the status code."""
+        log.warning("%s %r refused (%d): %r", request.method, request.path, status, message)
+        return jsonify(error=message), status
 
     def make_model(project: Any, label_config: str | None) -> MLBackendBase:
         try:
             key = project_key(project)
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            raise Refused(str(exc)) from None
         label_config = label_config or configs.get(key)
         if not label_config:
-            raise BadRequest("no label_config in the request and none known for this project")
+            raise Refused("no label_config in the request and none known for this project")
         try:
             model = model_class(key, label_config, runtime)
         except LabelConfigError as exc:
-            raise BadRequest(f"label config: {exc}") from None
+            raise Refused(f"label config: {exc}") from None
         configs[key] = label_config
         return model
 
@@ -72,13 +111,13 @@ def create_app(
         auth = request.authorization
         ok = (
             auth is not None
-            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+            and hmac.compare_digest(_utf8(auth.username), _utf8(settings.basic_auth_user))
+            and hmac.compare_digest(_utf8(auth.password), _utf8(settings.basic_auth_pass))
         )
         if ok:
             return None
-        resp = jsonify(error="authentication required")
-        resp.status_code = 401
+        resp, status = refuse("authentication required", 401)
+        resp.status_code = status
         resp.headers["WWW-Authenticate"] = 'Basic realm="emloop"'
         return resp
 
@@ -101,9 +140,12 @@ def create_app(
             )
         return resp
 
-    @app.errorhandler(BadRequest)
-    def _bad_request(exc: BadRequest) -> tuple[Response, int]:
-        return jsonify(error=str(exc)), exc.status
+    @app.errorhandler(Refused)
+    def _refused(exc: Refused) -> tuple[Response, int]:
+        resp, status = refuse(str(exc), exc.status)
+        if status == 503:
+            resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return resp, status
 
     @app.errorhandler(RedisError)
     def _redis_down(exc: RedisError) -> tuple[Response, int]:
@@ -112,7 +154,7 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        return jsonify(error=exc.description or exc.name), exc.code or 500
+        return refuse(exc.description or exc.name, exc.code or 500)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
@@ -137,12 +179,22 @@ def create_app(
 
     @app.post("/predict")
     def predict() -> tuple[Response, int]:
+        if not runtime.predict_admission.acquire(blocking=False):
+            raise Refused(
+                f"busy: {settings.predict_queue} predictions queued (PREDICT_QUEUE); retry later", 503
+            )
+        try:
+            return _predict()
+        finally:
+            runtime.predict_admission.release()
+
+    def _predict() -> tuple[Response, int]:
         body = _json_body()
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
-            raise BadRequest("`tasks` must be a list of Label Studio tasks")
+            raise Refused("`tasks` must be a list of Label Studio tasks")
         if not tasks:
-            raise BadRequest("`tasks` is empty: nothing to predict")
+            raise Refused("`tasks` is empty: nothing to predict")
         model = make_model(body.get("project"), body.get("label_config"))
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         good = [t for t in tasks if isinstance(t, dict)]
@@ -159,15 +211,18 @@ def create_app(
             log.warning("task %s not predicted: %s", r.get("task"), r["error"])
         if len(failed) == len(results):
             return jsonify(error=f"no task could be predicted: {failed[0]['error']}", results=results), 422
-        return jsonify(results=results, model_version=model.model_version), 200
+        # The version the predictions came from, even if a newer one was loaded meanwhile.
+        served = next((r["model_version"] for r in results if "model_version" in r), model.model_version)
+        return jsonify(results=results, model_version=served), 200
 
     @app.post("/webhook")
     def webhook() -> Response:
         body = _json_body()
         action = body.get("action")
         if not isinstance(action, str) or not action:
-            raise BadRequest("webhook body has no `action`")
-        metrics.inc("emloop_webhooks_total", help="webhook events received", action=action)
+            raise Refused("webhook body has no `action`")
+        counted = action if action in WEBHOOK_ACTIONS | model_class.TRAINING_EVENTS else "other"
+        metrics.inc("emloop_webhooks_total", help="webhook events received", action=counted)
         if action not in model_class.TRAINING_EVENTS:
             return jsonify(status="ignored", action=action)
         project = body.get("project")
@@ -185,7 +240,7 @@ def create_app(
         try:
             key = project_key(project)
         except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+            raise Refused(str(exc)) from None
         return jsonify(runtime.training(key).status())
 
     @app.get("/metrics")

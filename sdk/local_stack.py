@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
@@ -676,9 +676,12 @@ class BackendServer(ManagedProcess):
         if port_in_use(self.port, self.host):
             raise RuntimeError(f"port {self.port} is already in use; pick another ML backend port")
         self.spawn()
+        # With basic auth on, /health needs the credentials too.
+        user, password = self.env.get("BASIC_AUTH_USER", ""), self.env.get("BASIC_AUTH_PASS", "")
+        credentials = f"{quote(user, safe='')}:{quote(password, safe='')}@" if user else ""
         try:
             wait_http(
-                f"{self.url}/health",
+                f"http://{credentials}{self.host}:{self.port}/health",
                 timeout=self.start_timeout,
                 ok=_health_up,
                 alive=lambda: self.alive,

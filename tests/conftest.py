@@ -106,19 +106,30 @@ WorkerFactory = Callable[..., WorkerProcess]
 SESSION_QUEUE = f"emloop-test-{uuid.uuid4().hex[:8]}"
 
 
-def _stack_env(model_dir: Path, redis_url: str, label_studio: LabelStudioServer | None) -> dict[str, str]:
-    env = {"MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, "RQ_QUEUE": SESSION_QUEUE}
+def _stack_env(
+    model_dir: Path, redis_url: str, label_studio: LabelStudioServer | None, files: Path
+) -> dict[str, str]:
+    """``files``: the session's temp dir, where tests write the images they pass as local paths."""
+    env = {
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": redis_url,
+        "RQ_QUEUE": SESSION_QUEUE,
+        "LOCAL_FILES_ROOTS": str(files),
+    }
     if label_studio is not None:
         env |= {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
     return env
 
 
 @pytest.fixture
-def backend_factory(tmp_path: Path, redis_url: str) -> Iterator[BackendFactory]:
+def backend_factory(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[BackendFactory]:
     """``start(env=None, *, label_studio=None, port=None, model_dir=None, **kw) -> BackendServer``.
 
     Each call starts ``python -m ml_backend`` (ready on ``/health``) with a fresh MODEL_DIR in
-    ``tmp_path`` (or ``model_dir`` to share one across restarts), REDIS_URL and, given a
+    ``tmp_path`` (or ``model_dir`` to share one across restarts), REDIS_URL, LOCAL_FILES_ROOTS
+    (the session's temp dir) and, given a
     ``label_studio``, its URL and token; ``env`` overrides all of them. Stopped at teardown.
     """
     started: list[BackendServer] = []
@@ -133,7 +144,7 @@ def backend_factory(tmp_path: Path, redis_url: str) -> Iterator[BackendFactory]:
     ) -> BackendServer:
         n = len(started)
         model_dir = model_dir or tmp_path / f"models-{n}"
-        base = _stack_env(model_dir, redis_url, label_studio)
+        base = _stack_env(model_dir, redis_url, label_studio, tmp_path_factory.getbasetemp())
         server = BackendServer(
             {**base, **(env or {})}, port=port, log_path=tmp_path / f"backend-{n}.log", **kwargs
         )
@@ -146,7 +157,9 @@ def backend_factory(tmp_path: Path, redis_url: str) -> Iterator[BackendFactory]:
 
 
 @pytest.fixture
-def worker_factory(tmp_path: Path, redis_url: str) -> Iterator[WorkerFactory]:
+def worker_factory(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[WorkerFactory]:
     """``start(env=None, *, label_studio=None, model_dir=None, wait=True) -> WorkerProcess``.
 
     Same environment rules as ``backend_factory`` (pass the backend's ``model_dir``); with
@@ -163,7 +176,9 @@ def worker_factory(tmp_path: Path, redis_url: str) -> Iterator[WorkerFactory]:
         **kwargs: Any,
     ) -> WorkerProcess:
         n = len(started)
-        base = _stack_env(model_dir or tmp_path / "models-0", redis_url, label_studio)
+        base = _stack_env(
+            model_dir or tmp_path / "models-0", redis_url, label_studio, tmp_path_factory.getbasetemp()
+        )
         merged = {**base, **(env or {})}
         worker = WorkerProcess(merged, log_path=tmp_path / f"worker-{n}.log", **kwargs)
         started.append(worker)

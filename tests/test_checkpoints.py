@@ -142,17 +142,49 @@ def test_unrecorded_files_never_load(store: CheckpointStore) -> None:
     assert [v.number for v in store.versions()] == [0, 1]
     version, _ = store.load_newest_intact()
     assert version == v1
-    # The next save takes the next recorded number and overwrites the stray v2.pt.
-    v2 = store.save(perturbed(2), parent=v1, metrics={})
-    assert v2.number == 2
-    assert same_weights(store.load(v2), perturbed(2))
+    # The next save numbers past every file on disk: the stray files stay as they were.
+    v4 = store.save(perturbed(2), parent=v1, metrics={})
+    assert v4.number == 4 and [v.number for v in store.versions()] == [0, 1, 4]
+    assert same_weights(store.load(v4), perturbed(2))
+    assert (store.root / "v2.pt").read_bytes() == payload and (store.root / "v3.pt").read_bytes() == payload[
+        :100
+    ]
 
 
-def test_unreadable_manifest_serves_version_0(store: CheckpointStore) -> None:
-    store.save(perturbed(1), parent=None, metrics={})
-    (store.root / "manifest.json").write_text('{"versions": [')
-    assert [v.number for v in store.versions()] == [0]
-    assert store.load_newest_intact()[0].number == 0
+@pytest.mark.parametrize("damage", ['{"versions": [', "", "[]", '{"versions": [{"bogus": 1}]}', "delete"])
+def test_unreadable_manifest_is_rebuilt_from_intact_files(store: CheckpointStore, damage: str) -> None:
+    v1 = store.save(perturbed(1), parent=None, metrics={"iou_after": 0.5})
+    v2 = store.save(perturbed(2), parent=v1, metrics={"iou_after": 0.6})
+    v3 = store.save(perturbed(3), parent=v2, metrics={})
+    (store.root / str(v3.file)).write_bytes(b"torn")  # and the newest file is corrupt too
+    files = {p.name: p.read_bytes() for p in store.root.glob("v*.pt")}
+    manifest = store.root / "manifest.json"
+    manifest.unlink() if damage == "delete" else manifest.write_text(damage)
+
+    assert store.versions() == [store.versions()[0], v1, v2]  # records, hashes and metrics kept
+    version, net = store.load_newest_intact()
+    assert version == v2 and same_weights(net, perturbed(2))
+    assert [e["name"] for e in json.loads(manifest.read_text())["versions"]] == [v1.name, v2.name]
+    kept = list(store.root.glob("manifest.json.unreadable-*"))
+    assert [p.read_text() for p in kept] == ([] if damage == "delete" else [damage])
+    # The next version is new: no file is overwritten, none of the history is dropped.
+    v4 = store.save(perturbed(4), parent=v2, metrics={})
+    assert v4.number == 4
+    assert [v.number for v in store.versions()] == [0, 1, 2, 4]
+    assert all((store.root / name).read_bytes() == data for name, data in files.items())
+
+
+def test_checkpoints_without_an_embedded_record_are_rebuilt_too(store: CheckpointStore) -> None:
+    """Files written before the version record was embedded rebuild with what the file tells."""
+    net = perturbed(1)
+    path = store.root / "v1.pt"
+    store.root.mkdir(parents=True)
+    torch.save({"config": TINY.to_dict(), "state_dict": net.state_dict()}, path)
+    (store.root / "manifest.json").write_text("{")
+    [_, v1] = store.versions()
+    assert (v1.number, v1.file, v1.parent, v1.metrics) == (1, "v1.pt", None, {})
+    assert v1.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert same_weights(store.load(v1), net)
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_pixel_limit(data: bytes) -> None:
 def test_local_path_and_cache(tmp_path: Path) -> None:
     path = tmp_path / "slice.png"
     path.write_bytes(png_bytes(grey8()))
-    fetcher = ImageFetcher("http://127.0.0.1:1")
+    fetcher = ImageFetcher("http://127.0.0.1:1", local_roots=(tmp_path,))
     first = fetcher.fetch(str(path))
     np.testing.assert_array_equal(first, grey8())
     assert fetcher.fetch(str(path)) is first  # cache hit: same decoded object
@@ -161,7 +161,7 @@ def test_local_path_and_cache(tmp_path: Path) -> None:
 
 
 def test_cache_is_bounded(tmp_path: Path) -> None:
-    fetcher = ImageFetcher("http://127.0.0.1:1", cache_bytes=1000)
+    fetcher = ImageFetcher("http://127.0.0.1:1", cache_bytes=1000, local_roots=(tmp_path,))
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"{i}.png")
@@ -176,7 +176,75 @@ def test_local_file_over_max_bytes(tmp_path: Path) -> None:
     path = tmp_path / "big.png"
     path.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8)))
     with pytest.raises(ImageError, match="MAX_IMAGE_MB"):
-        ImageFetcher("http://127.0.0.1:1", max_bytes=1000).fetch(str(path))
+        ImageFetcher("http://127.0.0.1:1", max_bytes=1000, local_roots=(tmp_path,)).fetch(str(path))
+
+
+def local_fetcher(root: Path, **kwargs) -> ImageFetcher:
+    return ImageFetcher("http://127.0.0.1:1", timeout=5, local_roots=(root,), **kwargs)
+
+
+@pytest.mark.parametrize("form", ["path", "uri"])
+def test_local_files_outside_the_roots_are_refused(tmp_path: Path, form: str) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "valid.png").write_bytes(png_bytes(grey8()))
+    targets = [
+        outside / "valid.png",
+        root / ".." / "outside" / "valid.png",  # `..` out of the root
+        Path("/etc/passwd"),
+        Path("/dev/zero"),
+        Path("/proc/self/environ"),
+        outside / "missing.png",  # same answer as an existing file: no existence oracle
+    ]
+    for target in targets:
+        url = target.as_uri() if form == "uri" and target.is_absolute() else str(target)
+        with pytest.raises(ImageError, match="only under LOCAL_FILES_ROOTS") as info:
+            local_fetcher(root).fetch(url)
+        assert "0x" not in str(info.value)
+    with pytest.raises(ImageError, match="only under LOCAL_FILES_ROOTS"):  # no roots: nothing local
+        ImageFetcher("http://127.0.0.1:1").fetch((outside / "valid.png").as_uri())
+
+
+def test_links_out_of_the_roots_and_non_regular_files_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(png_bytes(grey8()))
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    (root / "zero").symlink_to("/dev/zero")
+    (root / "dir.png").mkdir()
+    os.mkfifo(root / "fifo.png")
+    fetcher = local_fetcher(root)
+    for name, message in [
+        ("link.png", "outside LOCAL_FILES_ROOTS"),
+        ("zero", "outside LOCAL_FILES_ROOTS"),
+        ("dir.png", "not a regular file"),
+        ("fifo.png", "not a regular file"),
+        ("missing.png", "no such file"),
+    ]:
+        with pytest.raises(ImageError, match=message):
+            fetcher.fetch(str(root / name))
+    # A link that stays inside the roots is fine.
+    (root / "real.png").write_bytes(png_bytes(grey8()))
+    (root / "alias.png").symlink_to(root / "real.png")
+    np.testing.assert_array_equal(fetcher.fetch(str(root / "alias.png")), grey8())
+
+
+def test_a_root_named_through_a_link(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.png").write_bytes(png_bytes(grey8()))
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    fetcher = local_fetcher(tmp_path / "link")
+    for path in (tmp_path / "link" / "a.png", tmp_path / "real" / "a.png"):
+        np.testing.assert_array_equal(fetcher.fetch(str(path)), grey8())
+
+
+def test_byte_limit_holds_while_reading_a_root_device(tmp_path: Path) -> None:
+    """/dev and /proc report st_size 0; the limit must hold on what is read, not on stat."""
+    fetcher = ImageFetcher("http://127.0.0.1:1", max_bytes=1000, local_roots=(Path("/proc"),))
+    with pytest.raises(ImageError, match="MAX_IMAGE_MB"):
+        fetcher.fetch("/proc/self/maps")  # st_size 0, content larger than 1000 bytes
+    assert Path("/proc/self/maps").stat().st_size == 0
 
 
 @pytest.mark.parametrize(
@@ -184,7 +252,9 @@ def test_local_file_over_max_bytes(tmp_path: Path) -> None:
     [
         ("ftp://example.org/a.png", "unsupported URL scheme 'ftp'"),
         ("s3://bucket/a.png", "unsupported URL scheme 's3'"),
-        ("relative/missing.png", "neither a URL nor an existing file"),
+        ("relative/missing.png", "only under LOCAL_FILES_ROOTS"),
+        ("http://[::1/x.png", "malformed URL"),
+        ("file://otherhost/etc/passwd", "must name a local file"),
         ("", "no image URL"),
         (None, "no image URL"),
         (42, "no image URL"),
@@ -274,6 +344,20 @@ def test_http_not_an_image(server: Server) -> None:
     server.files["/page.html"] = b"<html>login</html>"
     with pytest.raises(ImageError, match="not a readable image"):
         ImageFetcher(server.url(""), timeout=5).fetch(server.url("/page.html"))
+
+
+def test_errors_show_no_query_strings_or_addresses(server: Server) -> None:
+    server.files["/page.html?X-Amz-Signature=s3cr3t"] = b"<html>login</html>"
+    fetcher = ImageFetcher("http://127.0.0.1:1", timeout=5)
+    for path, expected in [
+        ("/page.html?X-Amz-Signature=s3cr3t", "not a readable image (UnidentifiedImageError: "),
+        ("/missing.png?X-Amz-Signature=s3cr3t#frag", f"http://127.0.0.1:{server.port}/missing.png: HTTP 404"),
+    ]:
+        with pytest.raises(ImageError) as info:
+            fetcher.fetch(server.url(path).replace("http://", "http://user:pw@"))
+        message = str(info.value)
+        assert message.startswith(expected), message
+        assert "s3cr3t" not in message and "pw" not in message and "0x" not in message
 
 
 def test_label_studio_urls_get_the_token_and_others_do_not(server: Server) -> None:

@@ -44,6 +44,7 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "image_timeout": 5.0,
         "tile_size": 64,
         "tile_overlap": 16,
+        "local_files_roots": (tmp_path,),
     }
     return Settings(**{**values, **overrides})
 
@@ -310,6 +311,48 @@ def test_basic_auth(tmp_path: Path) -> None:
     assert client.get("/health", headers=auth("ls", "s3cret")).status_code == 200
     resp = client.post("/setup", json={"project": "1", "schema": CONFIG}, headers=auth("ls", "s3cret"))
     assert resp.status_code == 200
+
+
+def test_hostile_input_gets_4xx_never_5xx(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path, basic_auth_user="ls", basic_auth_pass="pässwörd", max_request_bytes=2**20
+    )
+    client = create_app(settings).test_client()
+
+    def auth(user: str, password: str) -> dict:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    ok = auth("ls", "pässwörd")
+    nested = '{"tasks": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    post = client.post
+    assert "nested" in assert_clean_error(
+        post("/predict", data=nested, content_type="application/json", headers=ok), 400
+    )
+    long_id = "7" * 300
+    assert "project id" in assert_clean_error(
+        post("/setup", json={"project": long_id, "schema": CONFIG}, headers=ok), 400
+    )
+    assert "project id" in assert_clean_error(client.get(f"/status/{long_id}", headers=ok), 400)
+    assert_clean_error(client.get("/health", headers=auth("émile", "ünïcode")), 401)
+    assert_clean_error(client.get("/health", headers=auth("ls", "passwörd")), 401)
+    assert_clean_error(
+        post("/setup", data=b"{" + b" " * 2**20 + b"}", content_type="application/json", headers=ok), 413
+    )
+    assert client.get("/health", headers=ok).status_code == 200
+
+
+def test_label_count_limit(tmp_path: Path) -> None:
+    client = create_app(make_settings(tmp_path, max_labels=1)).test_client()
+    error = assert_clean_error(client.post("/setup", json={"project": "1", "schema": CONFIG}), 400)
+    assert "has 2 labels, more than 1 (MAX_LABELS)" in error
+
+
+def test_metrics_labels_are_escaped_and_bounded(client: FlaskClient) -> None:
+    for i in range(20):
+        client.post("/webhook", json={"action": f'A{i}"}} 1\nemloop_injected 1\n#', "project": {"id": 1}})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert not any(line.startswith("emloop_injected") for line in text.splitlines())
+    assert 'emloop_webhooks_total{action="other"} 20' in text
 
 
 def test_unknown_route_and_method(client: FlaskClient) -> None:
