@@ -143,16 +143,17 @@ class CheckpointStore:
         Each file gives its own SHA-256 and the version record embedded at save time; the
         unreadable manifest is kept beside the new one for inspection.
         """
+        files = self._version_files()
         try:
             return self._read_manifest()
         except FileNotFoundError:
-            if not self._version_files():
+            if not files:
                 return [self._initial()]  # a new lineage
             reason = "missing"
         except (OSError, ValueError, TypeError, KeyError) as exc:
             reason = f"unreadable ({type(exc).__name__}: {exc})"
         versions = [self._initial()]
-        for number, path in sorted(self._version_files().items()):
+        for number, path in sorted(files.items()):
             try:
                 data = _read(path)
                 record = json.loads(_decode(data, path)[1].get("version", "{}"))
