@@ -7,13 +7,12 @@ decoded again.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from datetime import datetime, timezone
 
 import numpy as np
 
 from sdk.brush import rle_to_mask
+from sdk.lru import LRU
 
 from .label_config import BrushTarget
 
@@ -82,24 +81,15 @@ class MaskCache:
     """LRU of decoded label maps, bounded in bytes; thread-safe."""
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._items: LRU[tuple, np.ndarray] = LRU(max_bytes, size=lambda labels: labels.nbytes)
         self.decoded = 0  # how many annotations were actually decoded (for tests and logs)
 
     def get(self, annotation: dict, target: BrushTarget, shape: tuple[int, int]) -> np.ndarray:
         key = (annotation.get("id"), str(annotation.get("updated_at")), target.signature, shape)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
+        cached = self._items.get(key)
+        if cached is not None:
+            return cached
         labels = label_map(annotation, target, shape)
-        with self._lock:
-            self.decoded += 1
-            self._items[key] = labels
-            self._bytes += labels.nbytes
-            while self._bytes > self.max_bytes and self._items:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
+        self.decoded += 1
+        self._items.put(key, labels)
         return labels

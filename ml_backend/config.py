@@ -37,6 +37,11 @@ def _roots() -> tuple[Path, ...]:
     return tuple(dict.fromkeys(Path(os.path.abspath(r.strip())) for r in raw if r.strip()))
 
 
+def _names(name: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(part.strip() for part in os.environ.get(name, "").split(",") if part.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
@@ -51,12 +56,15 @@ class Settings:
     tile_overlap: int = 64
     max_image_bytes: int = 256 * 2**20
     max_image_pixels: int = 16384 * 16384
+    max_predict_bytes: int = 2048 * 2**20
     image_cache_mb: int = 512
     image_timeout: float = 30.0
     local_files_roots: tuple[Path, ...] = ()
+    image_hosts: tuple[str, ...] = ()
     max_request_bytes: int = 32 * 2**20
     predict_queue: int = 8
     max_labels: int = 32
+    max_projects: int = 64
     threads: int = 4
     queue_name: str = "emloop"
     train_debounce: float = 10.0
@@ -82,12 +90,15 @@ class Settings:
             tile_overlap=_int("TILE_OVERLAP", cls.tile_overlap),
             max_image_bytes=_int("MAX_IMAGE_MB", cls.max_image_bytes // 2**20) * 2**20,
             max_image_pixels=_int("MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            max_predict_bytes=_int("MAX_PREDICT_MB", cls.max_predict_bytes // 2**20) * 2**20,
             image_cache_mb=_int("IMAGE_CACHE_MB", cls.image_cache_mb),
             image_timeout=_float("IMAGE_TIMEOUT", cls.image_timeout),
             local_files_roots=_roots(),
+            image_hosts=_names("IMAGE_HOSTS"),
             max_request_bytes=_int("MAX_REQUEST_MB", cls.max_request_bytes // 2**20) * 2**20,
             predict_queue=max(1, _int("PREDICT_QUEUE", cls.predict_queue)),
             max_labels=_int("MAX_LABELS", cls.max_labels),
+            max_projects=max(1, _int("MAX_PROJECTS", cls.max_projects)),
             threads=_int("THREADS", cls.threads),
             queue_name=os.environ.get("RQ_QUEUE", cls.queue_name),
             train_debounce=_float("TRAIN_DEBOUNCE_SECONDS", cls.train_debounce),

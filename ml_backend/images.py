@@ -15,8 +15,6 @@ import io
 import os
 import re
 import stat
-import threading
-from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
@@ -26,6 +24,7 @@ import requests
 from PIL import Image
 
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
+from sdk.lru import LRU
 
 from .config import Settings
 
@@ -107,6 +106,21 @@ def _check_pixels(n: int, max_pixels: int) -> None:
         raise ImageError(f"image has {n} pixels, more than the limit of {max_pixels} (MAX_IMAGE_PIXELS)")
 
 
+def host_allowed(host: str | None, patterns: tuple[str, ...]) -> bool:
+    """Whether `host` matches an IMAGE_HOSTS entry: `name` exactly, `*.name` any subdomain of it."""
+    if not host:
+        return False
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if pattern.startswith("*."):
+            if host.endswith(pattern[1:]):
+                return True
+        elif host == pattern:
+            return True
+    return False
+
+
 class ImageFetcher:
     """Downloads task images with Label Studio credentials; thread-safe.
 
@@ -124,18 +138,18 @@ class ImageFetcher:
         cache_bytes: int = 512 * 2**20,
         timeout: float = 30.0,
         local_roots: tuple[Path, ...] = (),
+        image_hosts: tuple[str, ...] = (),
     ) -> None:
         self.label_studio = LabelStudioAPI(label_studio_url, api_key, timeout=timeout)
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        self.cache_bytes = cache_bytes
         self.timeout = timeout
         # As given (a path may name a root through its link) and resolved (where files really are).
         self.local_roots = tuple(Path(os.path.abspath(r)) for r in local_roots)
         self._resolved_roots = tuple(r.resolve() for r in self.local_roots)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._cached_bytes = 0
-        self._lock = threading.Lock()
+        # Empty: any host. Else Label Studio's and these; redirects elsewhere are not followed.
+        self.image_hosts = image_hosts
+        self._cache: LRU[str, np.ndarray] = LRU(cache_bytes, size=lambda image: image.nbytes)
         self._session = requests.Session()
 
     @classmethod
@@ -148,6 +162,7 @@ class ImageFetcher:
             cache_bytes=settings.image_cache_mb * 2**20,
             timeout=settings.image_timeout,
             local_roots=settings.local_files_roots,
+            image_hosts=settings.image_hosts,
         )
 
     # -- public ------------------------------------------------------------------
@@ -158,17 +173,16 @@ class ImageFetcher:
         try:
             local = self._local_file(url)
             key = f"{local[0]}@{local[1]}" if local else url
-            with self._lock:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    return self._cache[key]
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
             data = self._read_file(local[0]) if local else self._read_url(url)
         except ImageError:
             raise
         except (ValueError, OSError) as exc:  # malformed URLs, files that vanish while read
             raise ImageError(f"{shown(url)}: {reason(exc)}") from None
         image = decode_image(data, self.max_pixels)
-        self._remember(key, image)
+        self._cache.put(key, image)
         return image
 
     # -- local files -------------------------------------------------------------
@@ -237,15 +251,25 @@ class ImageFetcher:
     def _download(self, url: str) -> bytes:
         own = self.label_studio.is_own_url(url)
         where = url if own else shown(url)  # other hosts' query strings may be signatures
+        restricted = bool(self.image_hosts) and not own
+        if restricted and not host_allowed(urlparse(url).hostname, self.image_hosts):
+            raise ImageError(f"{shorten(where)}: host not in IMAGE_HOSTS")
         for attempt in range(2):
             try:
                 headers = self.label_studio.auth_headers(refresh=attempt > 0) if own else {}
             except LabelStudioError as exc:
                 raise ImageError(str(exc)) from None
             try:
-                with self._session.get(url, headers=headers, timeout=self.timeout, stream=True) as resp:
+                get = self._session.get
+                with get(
+                    url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=not restricted
+                ) as resp:
                     if resp.status_code == 401 and attempt == 0 and own:
                         continue  # a personal access token's short-lived access token expired
+                    if resp.is_redirect:
+                        raise ImageError(
+                            f"{shorten(where)}: redirects are not followed when IMAGE_HOSTS is set"
+                        )
                     if resp.status_code in (401, 403):
                         raise ImageError(
                             f"{shorten(where)}: Label Studio refused the credentials"
@@ -271,19 +295,6 @@ class ImageFetcher:
                 raise ImageError(f"{shorten(where)}: more than {self.max_bytes} bytes (MAX_IMAGE_MB)")
             chunks.append(chunk)
         return b"".join(chunks)
-
-    # -- cache -------------------------------------------------------------------
-    def _remember(self, key: str, image: np.ndarray) -> None:
-        if image.nbytes > self.cache_bytes:
-            return
-        with self._lock:
-            if key in self._cache:
-                return
-            self._cache[key] = image
-            self._cached_bytes += image.nbytes
-            while self._cached_bytes > self.cache_bytes:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= old.nbytes
 
 
 @cache

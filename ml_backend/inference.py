@@ -88,6 +88,27 @@ def blend_window(height: int, width: int, overlap: int) -> np.ndarray:
     return np.outer(ramp(height), ramp(width)).astype(np.float32)
 
 
+# Measured marginal memory of `predict_image` + brush masks (2048² and 4096², 2 and 5 classes,
+# CPU): 8-10 bytes per pixel and class (the probabilities and their blend), beside a fixed
+# few hundred MB for one tile's activations. 12 leaves room.
+PREDICTION_BYTES_PER_PIXEL_CLASS = 12
+
+
+class PredictionTooLarge(ValueError):
+    """An image whose prediction would take more memory than allowed (MAX_PREDICT_MB)."""
+
+
+def check_prediction_size(shape: tuple[int, ...], n_classes: int, max_bytes: int) -> None:
+    """Refuse before the forward pass: memory grows with pixels × classes."""
+    height, width = shape[:2]
+    needed = height * width * n_classes * PREDICTION_BYTES_PER_PIXEL_CLASS
+    if needed > max_bytes:
+        raise PredictionTooLarge(
+            f"a {height}x{width} image with {n_classes} classes needs about {needed >> 20} MB to predict,"
+            f" more than MAX_PREDICT_MB ({max_bytes >> 20}); cut it into patches (scripts/push_volume.py)"
+        )
+
+
 @dataclass
 class ImagePrediction:
     probs: np.ndarray  # (C, H, W) float32 softmax probabilities

@@ -11,7 +11,7 @@ from typing import Any
 from .base import MLBackendBase
 from .checkpoints import CheckpointStore
 from .images import ImageError
-from .inference import predict_image
+from .inference import PredictionTooLarge, check_prediction_size, predict_image
 from .label_config import parse_brush_target
 from .predictions import build_prediction
 from .training_queue import TRAINING_EVENTS
@@ -40,7 +40,8 @@ class EMSegmentationModel(MLBackendBase):
         for task in tasks:
             try:
                 image = self.runtime.images.fetch(self._image_url(task))
-            except ImageError as exc:
+                check_prediction_size(image.shape, model.net.config.n_classes, settings.max_predict_bytes)
+            except (ImageError, PredictionTooLarge) as exc:
                 predictions.append({"task": task.get("id"), "error": str(exc)})
                 continue
             with self.runtime.inference_slot:

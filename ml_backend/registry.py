@@ -2,7 +2,8 @@
 
 Each request takes a snapshot (version + network) and finishes on it, even if a
 newer version is loaded meanwhile: the old network object stays alive until the
-last request holding it returns.
+last request holding it returns. At most `max_projects` networks stay loaded; the least
+recently used is reloaded from its store when asked for again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
+from sdk.lru import LRU
 
 from .checkpoints import CheckpointStore, Version
 from .network import UNet, default_device, fuse_for_inference
@@ -27,10 +30,10 @@ class LoadedModel:
 
 
 class ModelRegistry:
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, max_projects: int = 64) -> None:
         self.device = device or default_device()
         self._lock = threading.Lock()
-        self._loaded: dict[str, tuple[tuple[int, int, int], LoadedModel]] = {}
+        self._loaded: LRU[str, tuple[tuple[int, int, int], LoadedModel]] = LRU(max_projects)
 
     def current(self, store: CheckpointStore) -> LoadedModel:
         """The newest intact version of `store`, loading it if the manifest changed."""
@@ -50,7 +53,7 @@ class ModelRegistry:
                 net = fuse_for_inference(net).to(self.device).to(memory_format=torch.channels_last)
                 loaded = LoadedModel(version, net, self.device)
                 log.info("serving %s from %s on %s", version.name, store.root, self.device)
-            self._loaded[key] = (stamp, loaded)
+            self._loaded.put(key, (stamp, loaded))
             return loaded
 
     def loaded_versions(self) -> dict[str, str]:

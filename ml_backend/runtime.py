@@ -41,7 +41,7 @@ class Runtime:
     def from_settings(cls, settings: Settings) -> Runtime:
         return cls(
             settings=settings,
-            registry=ModelRegistry(),
+            registry=ModelRegistry(max_projects=settings.max_projects),
             images=ImageFetcher.from_settings(settings),
             predict_admission=threading.BoundedSemaphore(settings.predict_queue),
         )

@@ -16,6 +16,8 @@ from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from sdk.lru import LRU
+
 from .base import MLBackendBase, project_key
 from .config import Settings
 from .label_config import LabelConfigError
@@ -78,7 +80,9 @@ def create_app(
     settings = settings or Settings.from_env()
     runtime = Runtime.from_settings(settings)
     metrics = runtime.metrics
-    configs: dict[str, str] = {}  # project → label config seen in /setup or /predict
+    # Project → label config seen in /setup or /predict, 64 KiB a project on average (real ones
+    # are a few KiB); Label Studio sends it with every /predict, so a forgotten one costs nothing.
+    configs: LRU[str, str] = LRU(settings.max_projects * 2**16, size=len)
     app = Flask("emloop")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413
     app.extensions["emloop.runtime"] = runtime
@@ -100,7 +104,7 @@ def create_app(
             model = model_class(key, label_config, runtime)
         except LabelConfigError as exc:
             raise Refused(f"label config: {exc}") from None
-        configs[key] = label_config
+        configs.put(key, label_config)
         return model
 
     @app.before_request
@@ -164,6 +168,10 @@ def create_app(
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
+        """Label Studio needs only `status`; the device and the served versions (project ids)
+        are shown only to callers that authenticated, i.e. when basic auth is on."""
+        if not settings.basic_auth_user:
+            return jsonify(status="UP", model_class=model_class.__name__)
         return jsonify(
             status="UP",
             model_class=model_class.__name__,

@@ -143,7 +143,15 @@ def run_training(project: str, queue: str) -> dict:
         if generation <= trained and not forced:
             state.set_status(state="skipped", message="no new annotations since the last run")
             return {"skipped": True}
-        state.set_status(state="running", job_id=job.id, started_at=time.time(), generation=generation)
+        retry_of = (job.meta or {}).get("retry_of", "")
+        state.set_status(
+            state="running",
+            job_id=job.id,
+            started_at=time.time(),
+            generation=generation,
+            retry_of=retry_of,
+            message=f"retry of interrupted job {retry_of}" if retry_of else "",
+        )
         try:
             result = train_project(project, settings, state)
         except Exception as exc:

@@ -88,8 +88,6 @@ class ProjectTraining:
     # -- webhook side -------------------------------------------------------------------
     def record_event(self, action: str, settings: Settings) -> dict:
         """Count the event and enqueue a job unless one is already waiting."""
-        from .train_job import run_training  # the job function RQ imports by name
-
         now = time.time()
         pipe = self.redis.pipeline()
         pipe.incr(self.key("generation"))
@@ -105,19 +103,56 @@ class ProjectTraining:
             enqueue = bool(self.redis.set(self.key("scheduled"), job_id, ex=ttl))
         state = {"last_event": action, "last_event_at": now, "generation": generation}
         if enqueue:
-            Queue(self.queue, connection=self.redis).enqueue(
-                run_training,
-                self.project,
-                self.queue,
-                job_id=job_id,
-                job_timeout=settings.train_job_timeout,
-                result_ttl=7 * 86400,
-                failure_ttl=7 * 86400,
-                description=f"train project {self.project}",
-            )
+            self._enqueue(job_id, settings)
             state.update(state="queued", job_id=job_id)
         self.set_status(**state)
         return {"queued": bool(enqueue), "generation": generation}
+
+    def _enqueue(self, job_id: str, settings: Settings, retry_of: str = "") -> None:
+        from .train_job import run_training  # the job function RQ imports by name
+
+        Queue(self.queue, connection=self.redis).enqueue(
+            run_training,
+            self.project,
+            self.queue,
+            job_id=job_id,
+            job_timeout=settings.train_job_timeout,
+            result_ttl=7 * 86400,
+            failure_ttl=7 * 86400,
+            description=f"train project {self.project}" + (f" (retry of {retry_of})" if retry_of else ""),
+            meta={"retry_of": retry_of},
+        )
+
+    def retry_if_interrupted(self, settings: Settings) -> str | None:
+        """Re-enqueue, once, a run whose worker died (killed, out of memory): the id of the new
+        job, or None. A run that was itself a retry is marked failed instead, so a run that
+        kills its worker every time cannot loop; the next annotation starts it again."""
+        status = self.status()
+        dead = str(status.get("job_id") or "")
+        if status.get("state") != "interrupted" or not dead:
+            return None
+        # Several workers may notice the same dead run: the first to claim it acts.
+        if not self.redis.set(self.key(f"retried:{dead}"), 1, nx=True, ex=7 * 86400):
+            return None
+        if status.get("retry_of"):
+            self.set_status(
+                state="failed",
+                error=f"the worker stopped during job {dead}, a retry of interrupted job "
+                f"{status['retry_of']}; not retried again (see the worker's log: killed or out of memory?)",
+                finished_at=time.time(),
+            )
+            return None
+        job_id = uuid.uuid4().hex
+        ttl = int(settings.train_debounce + settings.train_job_timeout)
+        pipe = self.redis.pipeline()
+        pipe.set(self.key("force"), 1)  # the dead run had claimed the events it was training on
+        pipe.set(self.key("scheduled"), job_id, ex=ttl)
+        pipe.execute()
+        self._enqueue(job_id, settings, retry_of=dead)
+        self.set_status(
+            state="queued", job_id=job_id, retry_of=dead, message=f"retry of interrupted job {dead}"
+        )
+        return job_id
 
     def _pending(self, job_id: bytes | None) -> bool:
         """Whether the scheduled job still exists and has not finished (it may have been lost)."""
@@ -184,3 +219,13 @@ def all_statuses(redis: Redis, queue: str) -> list[dict]:
     pattern = f"emloop:{queue}:train:*:status"
     projects = sorted({key.decode().split(":")[-2] for key in redis.scan_iter(match=pattern, count=500)})
     return [ProjectTraining(redis, p, queue).status() for p in projects]
+
+
+def retry_interrupted(redis: Redis, settings: Settings) -> list[str]:
+    """`ProjectTraining.retry_if_interrupted` over every project: the new jobs' ids."""
+    statuses = all_statuses(redis, settings.queue_name)
+    jobs = [
+        ProjectTraining(redis, s["project"], settings.queue_name).retry_if_interrupted(settings)
+        for s in statuses
+    ]
+    return [job for job in jobs if job]

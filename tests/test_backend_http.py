@@ -81,9 +81,13 @@ def test_bad_images_fail_alone(label_studio, backend_factory, project_with_image
     project_id, uploaded, path = project_with_image
     big = tmp_path / "big.png"
     Image.fromarray(np.zeros((700, 700), np.uint8)).save(big)
+    zeros = tmp_path / "zeros.png"  # tiny on disk, large to predict: 300 x 300 x 2 classes x 12 B > 1 MiB
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(zeros)
     text = tmp_path / "notes.png"
     text.write_text("this is not an image")
-    backend = backend_factory(label_studio=label_studio, env={"MAX_IMAGE_PIXELS": str(600 * 600)})
+    backend = backend_factory(
+        label_studio=label_studio, env={"MAX_IMAGE_PIXELS": str(600 * 600), "MAX_PREDICT_MB": "1"}
+    )
     closed_port = find_free_port()
     tasks = [
         {"id": 1, "data": {"img": uploaded}},
@@ -93,18 +97,20 @@ def test_bad_images_fail_alone(label_studio, backend_factory, project_with_image
         {"id": 5, "data": {"img": str(big)}},
         {"id": 6, "data": {"other": "no image field"}},
         {"id": 7, "data": {"img": str(path)}},
+        {"id": 8, "data": {"img": str(zeros)}},
     ]
     resp = _predict(backend, tasks, project=f"{project_id}.0")
     assert resp.status_code == 200, resp.text
     results = resp.json()["results"]
     assert len(results) == len(tasks)
     errors = {r["task"]: r["error"] for r in results if "error" in r}
-    assert sorted(errors) == [2, 3, 4, 5, 6]
+    assert sorted(errors) == [2, 3, 4, 5, 6, 8]
     assert "HTTP 404" in errors[2]
     assert "cannot download" in errors[3]
     assert "not a readable image" in errors[4]
     assert "MAX_IMAGE_PIXELS" in errors[5]
     assert "'img'" in errors[6]
+    assert "MAX_PREDICT_MB" in errors[8]
     for good in (results[0], results[6]):
         assert 0.0 <= good["score"] <= 1.0 and "result" in good
     # All tasks bad: the whole request is unprocessable, with the reason.
@@ -119,7 +125,13 @@ def test_local_files_only_under_the_roots(backend_factory, tmp_path):
     ((outside, _),) = write_images(tmp_path / "elsewhere", [(96, 128)], seed=1)
     (tmp_path / "root" / "link.png").symlink_to(outside)
     closed = f"http://127.0.0.1:{find_free_port()}"
-    backend = backend_factory(env={"LOCAL_FILES_ROOTS": str(tmp_path / "root"), "LABEL_STUDIO_URL": closed})
+    backend = backend_factory(
+        env={
+            "LOCAL_FILES_ROOTS": str(tmp_path / "root"),
+            "LABEL_STUDIO_URL": closed,
+            "IMAGE_HOSTS": "*.example.org",
+        }
+    )
     refs = {
         1: str(inside),
         2: str(outside),  # a valid PNG outside the roots
@@ -132,21 +144,24 @@ def test_local_files_only_under_the_roots(backend_factory, tmp_path):
         9: "http://[::1/x.png",
         10: str(tmp_path / "root" / "link.png"),
         11: inside.as_uri(),
+        12: f"http://localhost:{find_free_port()}/x.png",  # not Label Studio, not in IMAGE_HOSTS
     }
     resp = _predict(backend, [{"id": i, "data": {"img": ref}} for i, ref in refs.items()])
     assert resp.status_code == 200, resp.text
     results = {r.get("task", i + 1): r for i, r in enumerate(resp.json()["results"])}
     assert all(0.0 <= results[i]["score"] <= 1.0 for i in (1, 11))
     errors = {i: r["error"] for i, r in results.items() if "error" in r}
-    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 12]
     for i in (3, 4, 7, 8):
         assert "only under LOCAL_FILES_ROOTS" in errors[i], errors[i]
     for i in (2, 5, 6):  # absolute paths outside the roots are Label Studio paths, never read here
         assert "cannot download" in errors[i] and "LOCAL_FILES_ROOTS" in errors[i], errors[i]
     assert errors[9] == "malformed URL: ValueError: Invalid IPv6 URL"
     assert "outside LOCAL_FILES_ROOTS" in errors[10]
+    assert "host not in IMAGE_HOSTS" in errors[12]  # refused without a request: no port probing
     assert not any("0x" in e for e in errors.values())
-    assert requests.get(f"{backend.url}/health", timeout=1).status_code == 200
+    health = requests.get(f"{backend.url}/health", timeout=1).json()
+    assert set(health) == {"status", "model_class"}  # no internals without basic auth
 
 
 def test_caller_errors_are_4xx_with_their_reason_logged(backend_factory):
@@ -179,7 +194,8 @@ def test_caller_errors_are_4xx_with_their_reason_logged(backend_factory):
     for resp, status, reason in cases:
         assert resp.status_code == status, (status, resp.text[:300])
         assert reason in resp.json()["error"]
-    assert requests.get(f"{url}/health", auth=auth, timeout=1).status_code == 200
+    health = requests.get(f"{url}/health", auth=auth, timeout=1).json()
+    assert health["status"] == "UP" and "device" in health and "serving" in health  # authenticated
     log = backend.log_path.read_text()
     assert log.count("WARNING") >= len(cases) and "s3cret" not in log and "pässwörd" not in log
     assert "nested too deeply" in log and "invalid project id" in log

@@ -15,7 +15,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 
 
 def env_vars_read_by_code() -> set[str]:
-    pattern = re.compile(r"""(?:_int|_float|environ\.get)\(\s*["']([A-Z_][A-Z0-9_]*)["']""")
+    pattern = re.compile(r"""(?:_int|_float|_names|environ\.get)\(\s*["']([A-Z_][A-Z0-9_]*)["']""")
     names: set[str] = set()
     for path in (ROOT / "ml_backend").rglob("*.py"):
         names |= set(pattern.findall(path.read_text()))

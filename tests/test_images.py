@@ -17,7 +17,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from ml_backend.images import ImageError, ImageFetcher, decode_image
+from ml_backend.images import ImageError, ImageFetcher, decode_image, host_allowed
 
 LIMIT = 10**7
 
@@ -274,12 +274,18 @@ class Server:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.chunked: set[str] = set()  # served without Content-Length
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         self.requests: list[tuple[str, str | None]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 server.requests.append((self.path, self.headers.get("Authorization")))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.end_headers()
+                    return
                 body = server.files.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -373,6 +379,38 @@ def test_label_studio_urls_get_the_token_and_others_do_not(server: Server) -> No
         ("/data/local-files/?d=em/b.png", "Token secret123"),
         ("/elsewhere/c.png", None),
     ]
+
+
+def test_host_allowed() -> None:
+    patterns = ("images.example.org", "*.s3.amazonaws.com")
+    assert host_allowed("images.example.org", patterns)
+    assert host_allowed("IMAGES.example.org.", patterns)
+    assert host_allowed("bucket.s3.amazonaws.com", patterns)
+    assert not host_allowed("s3.amazonaws.com", patterns)  # `*.` names subdomains only
+    assert not host_allowed("evil-s3.amazonaws.com.attacker.net", patterns)
+    assert not host_allowed("example.org", patterns)
+    assert not host_allowed(None, patterns)
+
+
+def test_image_hosts_restrict_other_hosts(server: Server) -> None:
+    data = png_bytes(grey8())
+    server.files["/data/upload/a.png"] = server.files["/b.png"] = data
+    server.redirects["/moved.png"] = server.url("/b.png")
+    # Label Studio is 127.0.0.1; "localhost" reaches the same socket as another host.
+    fetcher = ImageFetcher(server.url(""), timeout=5, image_hosts=("localhost",))
+    assert fetcher.fetch("/data/upload/a.png").shape == (20, 30)  # Label Studio's host: always
+    assert fetcher.fetch(server.url("/b.png", host="localhost")).shape == (20, 30)
+    with pytest.raises(ImageError, match="redirects are not followed when IMAGE_HOSTS is set"):
+        fetcher.fetch(server.url("/moved.png", host="localhost"))
+    only_s3 = ImageFetcher(server.url(""), timeout=5, image_hosts=("*.s3.amazonaws.com",))
+    before = len(server.requests)
+    with pytest.raises(ImageError, match="host not in IMAGE_HOSTS"):
+        only_s3.fetch(server.url("/b.png?sig=s3cr3t", host="localhost"))
+    assert len(server.requests) == before  # refused before any request
+    # Unset (the default): any host, and redirects are followed.
+    assert ImageFetcher(server.url(""), timeout=5).fetch(
+        server.url("/moved.png", host="localhost")
+    ).shape == (20, 30)
 
 
 def test_no_api_key_no_header(server: Server) -> None:

@@ -96,8 +96,7 @@ def test_health(client: FlaskClient, route: str) -> None:
     body = resp.get_json()
     assert body["status"] == "UP"
     assert body["model_class"] == "EMSegmentationModel"
-    assert body["device"] in ("cpu", "cuda")
-    assert body["serving"] == {}
+    assert set(body) == {"status", "model_class"}  # no internals without basic auth
 
 
 def test_setup_returns_model_version(client: FlaskClient) -> None:
@@ -120,8 +119,6 @@ def test_predict_local_image(client: FlaskClient, image_path: str) -> None:
     # Version 0 is the seeded initial network: the same prediction can be made here.
     probs = predict_image(build_unet(UNetConfig(n_classes=3)), load(image_path), tile=64, overlap=16).probs
     assert prediction["score"] == pytest.approx(confidence_score(probs), abs=1e-4)
-    serving = client.get("/health").get_json()["serving"]
-    assert list(serving.values()) == [version_name(0, TARGET)]
 
 
 def test_predict_serves_new_checkpoint_and_regions_match(
@@ -311,6 +308,10 @@ def test_basic_auth(tmp_path: Path) -> None:
     assert client.get("/health", headers=auth("ls", "s3cret")).status_code == 200
     resp = client.post("/setup", json={"project": "1", "schema": CONFIG}, headers=auth("ls", "s3cret"))
     assert resp.status_code == 200
+    # Authenticated callers see the internals: the device and what each project serves.
+    body = client.get("/health", headers=auth("ls", "s3cret")).get_json()
+    assert body["device"] in ("cpu", "cuda")
+    assert list(body["serving"].values()) == [resp.get_json()["model_version"]]
 
 
 def test_hostile_input_gets_4xx_never_5xx(tmp_path: Path) -> None:
@@ -345,6 +346,42 @@ def test_label_count_limit(tmp_path: Path) -> None:
     client = create_app(make_settings(tmp_path, max_labels=1)).test_client()
     error = assert_clean_error(client.post("/setup", json={"project": "1", "schema": CONFIG}), 400)
     assert "has 2 labels, more than 1 (MAX_LABELS)" in error
+
+
+def test_prediction_memory_limit_fails_only_its_task(tmp_path: Path, image_path: str) -> None:
+    # 48 x 64 pixels x 3 classes x 12 B = 110 592 B: over the limit; 16 x 16 is not.
+    client = create_app(make_settings(tmp_path, max_predict_bytes=50_000)).test_client()
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((16, 16), 90, np.uint8)).save(small)
+    resp = predict(
+        client, [{"id": 1, "data": {"image": image_path}}, {"id": 2, "data": {"image": str(small)}}]
+    )
+    assert resp.status_code == 200
+    big, ok = resp.get_json()["results"]
+    assert (
+        big["task"] == 1
+        and "a 48x64 image with 3 classes" in big["error"]
+        and "MAX_PREDICT_MB" in big["error"]
+    )
+    assert "error" not in ok and ok["model_version"]
+
+
+def test_projects_kept_in_memory_are_bounded(tmp_path: Path, image_path: str) -> None:
+    app = create_app(make_settings(tmp_path, max_projects=2, basic_auth_user="ls", basic_auth_pass="pw"))
+    client, auth = app.test_client(), {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
+    padded = CONFIG + "<!-- " + "x" * 50_000 + " -->"  # 50 KB: three do not fit in 2 x 64 KiB
+    for project in ("1", "2", "3"):
+        resp = client.post("/setup", json={"project": project, "schema": padded}, headers=auth)
+        assert resp.status_code == 200
+    serving = client.get("/health", headers=auth).get_json()["serving"]
+    assert len(serving) == 2  # project 1's network was dropped
+    # Project 1's label config was forgotten too: /predict must carry it again (Label Studio's does).
+    task = [{"id": 1, "data": {"image": image_path}}]
+    body = {"project": "1", "tasks": task}
+    assert "none known" in assert_clean_error(client.post("/predict", json=body, headers=auth), 400)
+    resp = client.post("/predict", json={**body, "label_config": CONFIG}, headers=auth)
+    assert resp.status_code == 200 and resp.get_json()["results"][0]["result"]  # reloaded from disk
+    assert len(client.get("/health", headers=auth).get_json()["serving"]) == 2
 
 
 def test_metrics_labels_are_escaped_and_bounded(client: FlaskClient) -> None:

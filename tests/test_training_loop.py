@@ -161,7 +161,7 @@ def test_annotation_during_training_gets_a_follow_up_run(
     assert len(loop.versions()) == 3, "exactly one follow-up run"
 
 
-def test_killed_worker_leaves_serving_untouched(
+def test_killed_worker_is_retried_once_and_serving_untouched(
     label_studio, backend_factory, worker_factory, tmp_path, start_net
 ):
     loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net, TRAIN_STEPS="400")
@@ -175,19 +175,18 @@ def test_killed_worker_leaves_serving_untouched(
         timeout=180,
         every=0.2,
     )
+    dead = loop.status()["job_id"]
     worker.kill(signal.SIGKILL)
     worker.wait(timeout=30)
     assert len(loop.versions()) == 1
     assert loop.served_version() == before
     wait_for("the dead run to show", lambda: loop.status().get("state") == "interrupted", timeout=30)
 
-    # A new worker and Label Studio's "Start Training" button: the next job succeeds.
+    # The next worker to start retries the dead run once, with no new annotation or button.
     loop.env["TRAIN_STEPS"] = "12"
     loop.worker()
-    requests.post(
-        f"{label_studio.url}/api/ml/{loop.ml.id}/train", headers=label_studio.auth_headers, timeout=30
-    ).raise_for_status()
     versions = loop.wait_versions(2, timeout=600)
     assert versions[1]["metrics"]["n_train"] + versions[1]["metrics"]["n_holdout"] == 5
     assert loop.served_version() == versions[1]["name"]
-    assert loop.status()["state"] == "succeeded"
+    status = wait_for("the retry to finish", lambda: (s := loop.status())["state"] == "succeeded" and s)
+    assert status["retry_of"] == dead and status["job_id"] != dead

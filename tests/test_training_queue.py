@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 
 from ml_backend.config import Settings
-from ml_backend.training_queue import ProjectTraining, all_statuses, connect
+from ml_backend.training_queue import ProjectTraining, all_statuses, connect, retry_interrupted
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -273,6 +273,28 @@ def test_status_round_trip_and_interrupted(state: ProjectTraining) -> None:
     state.set_status(state="succeeded")
     assert state.status()["state"] == "succeeded"
     assert any(s["project"] == state.project for s in all_statuses(state.redis, state.queue))
+
+
+def test_a_dead_run_is_retried_once(state: ProjectTraining, settings: Settings, redis: Redis) -> None:
+    state.set_status(state="running", job_id="dead-1", retry_of="", generation=4)
+    with state.lock("dead-1", ttl=10, poll=0.05):  # alive: nothing to retry
+        assert retry_interrupted(redis, settings) == []
+    [retry] = retry_interrupted(redis, settings)  # the lock is gone: the worker died
+    assert retry_interrupted(redis, settings) == []  # claimed once, even by several workers
+    status = state.status()
+    assert status["state"] == "queued" and status["job_id"] == retry and status["retry_of"] == "dead-1"
+    [job] = queued_jobs(settings, redis)
+    assert job.id == retry and job.meta["retry_of"] == "dead-1"
+    assert redis_get(state, "force") == b"1"  # the dead run had claimed its events
+    assert redis_get(state, "scheduled") == retry.encode()  # the next event does not add a job
+    assert not state.record_event("ANNOTATION_CREATED", settings)["queued"]
+
+    # The retry dies too: it is not retried again, and /status says why.
+    state.set_status(state="running", job_id=retry, retry_of="dead-1")
+    assert retry_interrupted(redis, settings) == []
+    status = state.status()
+    assert status["state"] == "failed" and "not retried again" in status["error"]
+    assert len(queued_jobs(settings, redis)) == 1
 
 
 def test_unreachable_redis_fails_fast() -> None:

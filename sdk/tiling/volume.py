@@ -7,12 +7,12 @@ returns a fresh numpy array.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from ..lru import LRU
 from .indexing import Key, result_shape, split_key
 from .voxel import VoxelSize
 
@@ -136,26 +136,22 @@ class PagedVolume(Volume):
         super().__init__(shape, dtype, id, voxel_size, metadata)
         self._read_page = read_page
         self._on_close = on_close
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         page_bytes = max(1, shape[1] * shape[2] * self.dtype.itemsize)
-        self._cache_pages = max(1, cache_bytes // page_bytes) if cache_bytes > 0 else 0
+        self._cache: LRU[int, np.ndarray] = LRU(max(1, cache_bytes // page_bytes) if cache_bytes > 0 else 0)
         self.pages_read = 0  # decoded pages so far; lets callers verify laziness
 
     def page(self, z: int) -> np.ndarray:
         """Decoded page ``z`` (read-only: it may be shared through the cache)."""
-        if z in self._cache:
-            self._cache.move_to_end(z)
-            return self._cache[z]
+        cached = self._cache.get(z)
+        if cached is not None:
+            return cached
         data = np.asarray(self._read_page(z))
         if data.shape != self.shape[1:]:
             raise ValueError(f"page {z} of {self.id} has shape {data.shape}, expected {self.shape[1:]}")
         data = data.astype(self.dtype, copy=False)
         data.flags.writeable = False
         self.pages_read += 1
-        if self._cache_pages > 0:
-            self._cache[z] = data
-            while len(self._cache) > self._cache_pages:
-                self._cache.popitem(last=False)
+        self._cache.put(z, data)
         return data
 
     def _read(self, key: Key) -> np.ndarray:
