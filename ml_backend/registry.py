@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,4 +58,5 @@ class ModelRegistry:
             return loaded
 
     def loaded_versions(self) -> dict[str, str]:
-        return {key: entry[1].version.name for key, entry in self._loaded.items()}
+        """Served version per store, named relative to MODEL_DIR (`project-<id>/<signature>`)."""
+        return {"/".join(Path(key).parts[-2:]): entry[1].version.name for key, entry in self._loaded.items()}

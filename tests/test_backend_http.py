@@ -167,7 +167,7 @@ def test_local_files_only_under_the_roots(backend_factory, tmp_path):
 def test_caller_errors_are_4xx_with_their_reason_logged(backend_factory):
     """Hostile or broken input never gets a 5xx; each refusal's reason is in the log, without secrets."""
     backend = backend_factory(
-        env={"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "s3cret", "MAX_REQUEST_MB": "1"}
+        env={"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "s3cret", "MAX_REQUEST_MB": "1", "MAX_PROJECTS": "1"}
     )
     url, auth = backend.url, ("ls", "s3cret")
 
@@ -177,12 +177,17 @@ def test_caller_errors_are_4xx_with_their_reason_logged(backend_factory):
     nested = '{"tasks": ' + "[" * 100_000 + "]" * 100_000 + "}"
     long_id = "1" * 300
     webhook = {"action": "ANNOTATION_CREATED", "project": {"id": long_id, "label_config": BRUSH_CONFIG}}
+    many_labels = BRUSH_CONFIG.replace(
+        '<Label value="Mitochondria" background="#ff0000"/>',
+        "".join(f'<Label value="c{i}"/>' for i in range(40)),
+    )
     cases = [
         (post("/predict", data=nested, headers={"Content-Type": "application/json"}), 400, "nested"),
         (post("/setup", json={"project": f"{long_id}.0", "schema": BRUSH_CONFIG}), 400, "project id"),
         (post("/webhook", json=webhook), 400, "project id"),
         (requests.get(f"{url}/status/{long_id}", auth=auth, timeout=10), 400, "project id"),
         (post("/setup", json={"project": "١٢", "schema": BRUSH_CONFIG}), 400, "project id"),
+        (post("/setup", json={"project": "3.0", "schema": many_labels}), 400, "MAX_LABELS"),
         (post("/health", auth=("émile".encode(), "pässwörd".encode())), 401, "authentication"),
         (post("/setup", auth=(b"\xff\xfe", b"\xc3"), json={}), 401, "authentication"),
         (
@@ -196,6 +201,11 @@ def test_caller_errors_are_4xx_with_their_reason_logged(backend_factory):
         assert reason in resp.json()["error"]
     health = requests.get(f"{url}/health", auth=auth, timeout=1).json()
     assert health["status"] == "UP" and "device" in health and "serving" in health  # authenticated
+    for project in ("1.0", "2.0"):
+        assert post("/setup", json={"project": project, "schema": BRUSH_CONFIG}).status_code == 200
+    serving = requests.get(f"{url}/health", auth=auth, timeout=1).json()["serving"]
+    [(store, _)] = serving.items()  # MAX_PROJECTS=1: project 1's network was dropped
+    assert store.startswith("project-2/")  # relative to MODEL_DIR: no absolute paths
     log = backend.log_path.read_text()
     assert log.count("WARNING") >= len(cases) and "s3cret" not in log and "pässwörd" not in log
     assert "nested too deeply" in log and "invalid project id" in log

@@ -244,7 +244,7 @@ def test_registry_follows_new_versions_and_snapshots_keep_their_network(store: C
     # A request that took its snapshot earlier finishes on the old, unchanged network.
     assert first.version.number == 0
     assert torch.equal(outputs(first.net), before)
-    assert registry.loaded_versions() == {str(store.root): v1.name}
+    assert registry.loaded_versions() == {f"{store.root.parent.name}/{store.root.name}": v1.name}
 
     v2 = store.save(perturbed(2), parent=v1, metrics={})
     assert registry.current(store).version == v2
