@@ -59,6 +59,20 @@ def version_name(number: int, target: BrushTarget) -> str:
     return f"emloop-v{number}-{target.signature[:6]}"
 
 
+def trained_version_names(model_dir: Path, limit: int = 200) -> list[str]:
+    """Every recorded version under `model_dir` (all projects), newest first, for Label Studio's
+    model-version list, which names no project; unreadable manifests are left out."""
+    found: list[tuple[float, str]] = []
+    for path in Path(model_dir).glob(f"project-*/*/{MANIFEST}"):
+        try:
+            found += [
+                (float(e.get("created", 0)), str(e["name"])) for e in json.loads(path.read_text())["versions"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            log.warning("%s is unreadable: its versions are not listed", path)
+    return list(dict.fromkeys(name for _, name in sorted(found, reverse=True)))[:limit]
+
+
 def load_checkpoint(path: str | os.PathLike[str], sha256: str | None = None) -> tuple[UNet, str]:
     """The network in a ``v<N>.pt`` file (``{"config", "state_dict", "version"}``) and the file's SHA-256.
 

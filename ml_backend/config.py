@@ -74,6 +74,7 @@ class Settings:
     train_patch_size: int = 128
     train_batch_size: int = 16
     train_holdout: float = 0.15
+    queue_strategy: str = "entropy"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -108,4 +109,5 @@ class Settings:
             train_patch_size=_int("TRAIN_PATCH_SIZE", cls.train_patch_size),
             train_batch_size=_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
             train_holdout=_float("TRAIN_HOLDOUT_FRACTION", cls.train_holdout),
+            queue_strategy=os.environ.get("QUEUE_STRATEGY", cls.queue_strategy).strip() or cls.queue_strategy,
         )

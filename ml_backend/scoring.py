@@ -39,6 +39,7 @@ import torch
 
 from sdk.atomic import atomic_write_bytes
 from sdk.priority import choose_strategy, heatmap_uri, heatmap_vmax
+from sdk.queue_order import TaskRef
 from sdk.strategies import SCORE_STRATEGIES, STRATEGIES, reduce_pixels, select
 from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
 
@@ -380,7 +381,6 @@ def score_pool(
 
 
 # -- ranking Label Studio tasks -----------------------------------------------------------------------
-TaskRef = tuple[int, str]  # (task id, image URL as in the task data)
 
 
 @dataclass(frozen=True)

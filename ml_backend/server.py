@@ -1,7 +1,7 @@
 """The HTTP protocol Label Studio speaks to ML backends, on Flask 3.
 
 Routes: `GET /` and `/health` (never touch the model, so they answer at once),
-`POST /setup`, `POST /predict`, `POST /webhook`, `GET /metrics`. Caller errors
+`POST /setup`, `POST /predict`, `POST /webhook`, `GET /versions`, `GET /status`, `GET /metrics`. Caller errors
 are 4xx with `{"error": ...}`; nothing returns a traceback.
 """
 
@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from sdk.lru import LRU
 
 from .base import MLBackendBase, project_key
+from .checkpoints import trained_version_names
 from .config import Settings
 from .label_config import LabelConfigError
 from .model import EMSegmentationModel
@@ -237,6 +238,11 @@ def create_app(
         label_config = project.get("label_config") if isinstance(project, dict) else None
         model = make_model(project, label_config)
         return jsonify(action=action, **model.fit(action, body))
+
+    @app.get("/versions")
+    def model_versions() -> Response:
+        """Label Studio's model-version list (asked without a project): every trained version."""
+        return jsonify(versions=trained_version_names(settings.model_dir))
 
     @app.get("/status")
     def training_status() -> Response:

@@ -20,6 +20,7 @@ from .config import Settings
 from .images import ImageError, shared_fetcher
 from .label_config import BrushTarget, parse_brush_target
 from .network import default_device
+from .queue_refresh import refresh_queue
 from .training import TrainConfig, evaluate, fine_tune
 from .training_queue import ProjectTraining
 
@@ -131,6 +132,23 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
     return {"version": version.name, "parent": parent.name, "metrics": metrics}
 
 
+def reorder_queue(project: str, settings: Settings, state: ProjectTraining) -> dict | None:
+    """The closed loop (QUEUE_STRATEGY); a failure here leaves the new version standing."""
+    if settings.queue_strategy == "off":
+        return None
+    state.set_status(state="ranking", progress=None)
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if done % 10 == 0 or done == total:
+            state.set_status(progress={"stage": stage, "done": done, "total": total})
+
+    try:
+        return refresh_queue(project, settings, progress)
+    except Exception as exc:  # noqa: BLE001 - reported in /status, the run itself succeeded
+        log.exception("project %s: the queue was not re-ranked", project)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def run_training(project: str, queue: str) -> dict:
     """RQ entry point: wait for the quiet period, take the project's lock, train once."""
     settings = Settings.from_env()
@@ -158,11 +176,13 @@ def run_training(project: str, queue: str) -> dict:
             state.set_status(state="failed", error=f"{type(exc).__name__}: {exc}", finished_at=time.time())
             raise
         state.mark_trained(generation)
+        order = reorder_queue(project, settings, state)
         state.set_status(
             state="succeeded",
             error="",
             finished_at=time.time(),
             last_result={
+                "queue": order,
                 "version": result["version"],
                 "metrics": {
                     k: result["metrics"][k]

@@ -5,7 +5,9 @@ the decoded-mask cache warm between jobs. Run one per machine (a GPU machine
 trains on CUDA); all of them need the same REDIS_URL, LABEL_STUDIO_URL,
 LABEL_STUDIO_API_KEY and a MODEL_DIR shared with the backend.
 
-Every worker also watches for runs whose worker died (their training lock expired while
+After every successful run the worker re-ranks the project's unlabelled tasks with the new
+version and writes the order (and pre-annotations) into Label Studio (QUEUE_STRATEGY; off
+switches it off). Every worker also watches for runs whose worker died (their training lock expired while
 they were running) and retries each once, so a killed or out-of-memory worker does not
 leave a project untrained until its next annotation.
 """
@@ -19,6 +21,8 @@ import threading
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
+
+from sdk.strategies import STRATEGIES
 
 from .config import Settings
 from .training_queue import retry_interrupted
@@ -47,6 +51,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    if settings.queue_strategy not in (*STRATEGIES, "off"):
+        parser.error(
+            f"QUEUE_STRATEGY must be off or one of {', '.join(STRATEGIES)}, got {settings.queue_strategy!r}"
+        )
     redis = Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=redis)
     worker = SimpleWorker([queue], connection=redis, name=args.name)

@@ -31,11 +31,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
@@ -45,21 +44,12 @@ from tqdm import tqdm  # noqa: E402
 from ml_backend.config import Settings  # noqa: E402
 from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target  # noqa: E402
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError  # noqa: E402
-from sdk.priority import (  # noqa: E402
-    HEATMAP_FIELD,
-    PRIORITY_FIELD,
-    PRIORITY_VIEW,
-    UNCERTAINTY_SAMPLING,
-    is_priority_version,
-    priority_version,
-    rank_scores,
-    unique_version,
-    updated_task_data,
-)
+from sdk.priority import HEATMAP_FIELD  # noqa: E402
+from sdk.queue_order import TaskRef, project_pool, write_order  # noqa: E402
 from sdk.strategies import COLD_START_STRATEGIES, REDUCTIONS, SCORE_STRATEGIES, STRATEGIES  # noqa: E402
 
 if TYPE_CHECKING:  # torch-heavy: imported when scoring starts, so usage errors answer fast
-    from ml_backend.scoring import Ranking, ScoringOptions, TaskRef
+    from ml_backend.scoring import Ranking, ScoringOptions
 
 PROG = "prioritize"
 log = logging.getLogger(PROG)
@@ -154,31 +144,6 @@ def get_project(api: LabelStudioAPI, project_id: int) -> dict:
         if "HTTP 404" in str(exc):
             raise Failure(f"project {project_id} not found in Label Studio at {api.url}") from None
         raise
-
-
-def iter_tasks(api: LabelStudioAPI, project_id: int, page_size: int = 100) -> Iterator[dict]:
-    """Every task with its data as stored (unresolved URLs), so data can be written back as is."""
-    page, seen = 1, 0
-    while True:
-        params = {"project": project_id, "page": page, "page_size": page_size, "resolve_uri": "false"}
-        body = api.request("GET", "/api/tasks", params=params).json()
-        yield from body["tasks"]
-        seen += len(body["tasks"])
-        if not body["tasks"] or seen >= body["total"]:
-            return
-        page += 1
-
-
-def image_url(api: LabelStudioAPI, task: dict, target: BrushTarget) -> str | None:
-    """The URL the backend would fetch; cloud-storage URIs go through Label Studio's resolver."""
-    url = (task.get("data") or {}).get(target.value_key)
-    if not isinstance(url, str) or not url:
-        return None
-    scheme = urlparse(url).scheme
-    if scheme and scheme not in ("http", "https", "file"):  # s3://, gs://, azure-blob://
-        resolved = api.request("GET", f"/api/tasks/{task['id']}").json().get("data", {})
-        url = resolved.get(target.value_key, url)
-    return url
 
 
 # -- ranking -----------------------------------------------------------------------------------------------
@@ -313,83 +278,6 @@ def rank_on_worker(
     return Ranking.from_dict(result)
 
 
-# -- writing Label Studio ----------------------------------------------------------------------------------
-def chunked(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def ensure_priority_view(api: LabelStudioAPI, project_id: int) -> None:
-    """A Data Manager tab sorted by priority (numerically: task data is compared as text otherwise)."""
-    views = api.request("GET", "/api/dm/views", params={"project": project_id}).json()
-    if any((v.get("data") or {}).get("title") == PRIORITY_VIEW for v in views):
-        return
-    column = f"tasks:data.{PRIORITY_FIELD}"
-    data = {
-        "title": PRIORITY_VIEW,
-        "type": "list",
-        "target": "tasks",
-        "ordering": [column],
-        "columnsDisplayType": {column: "Number"},
-        "filters": {"conjunction": "and", "items": []},
-    }
-    api.request("POST", "/api/dm/views", json={"project": project_id, "data": data})
-
-
-def write_order(
-    api: LabelStudioAPI, project: dict, ranking: Ranking, tasks: list[dict], args: argparse.Namespace
-) -> str | None:
-    """New priority predictions, switch the project to them, then remove the old order."""
-    project_id = project["id"]
-    versions = list(api.request("GET", f"/api/projects/{project_id}/model-versions").json())
-    stale = [v for v in versions if is_priority_version(v)]
-    name = None
-    if ranking.ranked:
-        name = unique_version(priority_version(ranking.version, ranking.strategy), versions)
-        predictions = [
-            {"task": item.task, "result": item.result or [], "score": score, "model_version": name}
-            for item, score in zip(ranking.ranked, rank_scores(len(ranking.ranked)), strict=True)
-        ]
-        for chunk in chunked(predictions, 50):
-            api.request("POST", f"/api/projects/{project_id}/import/predictions", json=chunk)
-        api.request(
-            "PATCH",
-            f"/api/projects/{project_id}",
-            json={"model_version": name, "sampling": UNCERTAINTY_SAMPLING},
-        )
-    for version in stale:
-        api.request("DELETE", f"/api/projects/{project_id}/model-versions/", json={"model_version": version})
-
-    ranks = {item.task: i + 1 for i, item in enumerate(ranking.ranked)}
-    heatmaps = {item.task: item.heatmap for item in ranking.ranked if item.heatmap}
-    heatmap_required = f'value="${HEATMAP_FIELD}"' in project.get("label_config", "")
-    changes = []
-    for task in tasks:
-        data = updated_task_data(
-            task.get("data") or {},
-            rank=ranks.get(task["id"]),
-            heatmap=heatmaps.get(task["id"]),
-            manage_heatmaps=args.heatmaps,
-            labeled=bool(task.get("is_labeled")),
-            heatmap_required=heatmap_required,
-        )
-        if data is not None:
-            changes.append((task["id"], data))
-    for task_id, data in tqdm(changes, desc="updating task data", unit="task", disable=args.quiet):
-        api.request("PATCH", f"/api/tasks/{task_id}", json={"data": data})
-    ensure_priority_view(api, project_id)
-    say(
-        f"wrote {len(ranking.ranked)} priority predictions ({name}), updated {len(changes)} tasks' data,"
-        f" removed {len(stale)} old priority version(s); sampling is {UNCERTAINTY_SAMPLING!r}"
-    )
-    if not project.get("show_collab_predictions", True):
-        say(
-            "note: 'Use predictions to prelabel tasks' is off, so annotators see no pre-annotation;"
-            " the order still applies (turning that setting off again clears it)"
-        )
-    return name
-
-
 # -- main ----------------------------------------------------------------------------------------------------
 def report(
     args: argparse.Namespace,
@@ -442,18 +330,11 @@ def run(args: argparse.Namespace) -> int:
     except LabelConfigError as exc:
         raise Failure(f"project {args.project}: {exc}") from None
 
-    tasks = list(iter_tasks(api, args.project))
-    pool, labeled, urls, unusable = [], [], {}, []
-    for task in tasks:
-        url = image_url(api, task, target)
-        if url is None:
-            unusable.append(task["id"])
-            continue
-        urls[task["id"]] = url
-        (labeled if task.get("is_labeled") else pool).append((task["id"], url))
+    tasks = project_pool(api, args.project, target.value_key)
+    pool, labeled, urls, unusable = tasks.pool, tasks.labeled, tasks.urls, tasks.unusable
     if unusable:
         say(f"{len(unusable)} task(s) have no {target.value_key!r} image and are left out: {unusable[:10]}")
-    say(f"project {args.project}: {len(tasks)} tasks, {len(pool)} unlabeled, {len(labeled)} labeled")
+    say(f"project {args.project}: {len(tasks.tasks)} tasks, {len(pool)} unlabeled, {len(labeled)} labeled")
 
     if not pool:
         say("nothing to prioritise: no unlabeled tasks")
@@ -476,7 +357,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         say("dry run: nothing written to Label Studio")
     else:
-        name = write_order(api, project, ranking, tasks, args)
+        name = write_order(
+            api,
+            project,
+            ranking,
+            tasks.tasks,
+            manage_heatmaps=args.heatmaps,
+            progress=not args.quiet,
+            say=say,
+        ).version
     report(args, args.project, ranking, len(labeled), urls, name)
     return 0
 

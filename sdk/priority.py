@@ -5,7 +5,7 @@ The order travels as one prediction per ranked task under a dedicated model vers
 ``project.model_version`` first), plus a ``priority`` field in the task data for the
 Data Manager. This module holds the rules (names, scores, which strategy to use
 before training, what task data to write) and renders uncertainty heat maps;
-network calls live in ``scripts/prioritize.py``.
+network calls live in ``sdk.queue_order``.
 """
 
 from __future__ import annotations

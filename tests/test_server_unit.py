@@ -392,6 +392,18 @@ def test_metrics_labels_are_escaped_and_bounded(client: FlaskClient) -> None:
     assert 'emloop_webhooks_total{action="other"} 20' in text
 
 
+def test_versions_lists_every_trained_version_newest_first(client: FlaskClient, tmp_path: Path) -> None:
+    assert client.get("/versions").get_json() == {"versions": []}
+    names = []
+    for project in ("12", "13", "12"):
+        store = CheckpointStore.for_project(tmp_path / "models", project, TARGET)
+        names.append(store.save(build_unet(UNetConfig(n_classes=3)), parent=store.latest(), metrics={}).name)
+    (tmp_path / "models" / "project-99" / "x").mkdir(parents=True)
+    (tmp_path / "models" / "project-99" / "x" / "manifest.json").write_text("{torn")
+    # Label Studio asks without a project: every project's versions (names repeat across projects).
+    assert client.get("/versions").get_json() == {"versions": [names[2], names[0]]}
+
+
 def test_unknown_route_and_method(client: FlaskClient) -> None:
     assert_clean_error(client.get("/nope"), 404)
     assert_clean_error(client.get("/predict"), 405)

@@ -4,7 +4,10 @@ process → a new checkpoint version → new predictions. Real everything, no mo
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -16,6 +19,7 @@ import requests
 
 from ml_backend.label_config import parse_brush_target
 from ml_backend.predictions import brush_results
+from sdk.local_stack import REPO_ROOT
 
 from .helpers import BRUSH_CONFIG, publish, train_small_net, write_images
 
@@ -135,6 +139,60 @@ def test_burst_trains_once_and_predictions_follow(
     for task_id in loop.task_ids[10:]:
         versions_stored = {p.model_version for p in loop.client.predictions.list(task=task_id)}
         assert newest in versions_stored
+
+
+def test_training_reorders_the_queue_by_itself(
+    label_studio, backend_factory, worker_factory, tmp_path, start_net
+):
+    """Issue 14: connect, annotate 5 of 12 - no script, no setting - and Label Studio's queue
+    follows the newly trained model, with its pre-annotations."""
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net)
+    loop.worker()
+    for i in range(5):
+        loop.annotate(i)
+    loop.wait_versions(2)
+    time.sleep(3 * float(loop.env["TRAIN_DEBOUNCE_SECONDS"]))  # a follow-up run would have started
+    status = wait_for(
+        "training and ranking to settle",
+        lambda: (s := loop.status())["state"] in ("succeeded", "skipped") and s,
+    )
+    newest = loop.versions()[-1]["name"]
+    queue = wait_for("the newest run's ranking", lambda: loop.status()["last_result"]["queue"], timeout=60)
+    project = loop.client.projects.get(id=loop.project.id)
+    assert queue["priority_version"].startswith(f"{newest}+entropy@"), (status, queue)
+    assert project.model_version == queue["priority_version"] and queue["ranked"] == 7
+    for task_id in loop.task_ids[5:]:
+        current = [
+            p for p in loop.client.predictions.list(task=task_id) if p.model_version == project.model_version
+        ]
+        assert len(current) == 1 and current[0].result, task_id
+        assert {r["type"] for r in current[0].result} == {"brushlabels"}
+
+    # /next serves the task that prioritize.py ranks first for this version.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_DIR"))}
+    env.update(
+        LABEL_STUDIO_URL=label_studio.url,
+        LABEL_STUDIO_API_KEY=label_studio.token,
+        MODEL_DIR=str(loop.model_dir),
+    )
+    proc = subprocess.run(
+        [sys.executable, "scripts/prioritize.py", "--project", str(loop.project.id), "--strategy", "entropy"]
+        + ["--batch", "100", "--dry-run", "--json", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ranking = json.loads(proc.stdout)
+    assert ranking["model_version"] == newest
+    served = requests.get(
+        f"{label_studio.url}/api/projects/{loop.project.id}/next",
+        headers=label_studio.auth_headers,
+        timeout=30,
+    ).json()
+    assert served["id"] == ranking["ranking"][0]["task"]
 
 
 def test_annotation_during_training_gets_a_follow_up_run(

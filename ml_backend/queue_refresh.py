@@ -1,0 +1,63 @@
+"""The closed loop: after a training run, re-rank the project's queue with the new version.
+
+Label Studio's Community edition serves the next task by the lowest prediction score of the
+project's model version ("Uncertainty sampling"); it never re-ranks by itself. After every
+successful run the worker scores the unlabelled tasks with the new checkpoint, writes one
+prediction per task (the pre-annotation, with the strategy's rank as its score) under a new
+priority version, switches the project to it and removes the older priority versions: the same
+writing `scripts/prioritize.py` does (`sdk.queue_order`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sdk.queue_order import project_pool, write_order
+
+from .checkpoints import CheckpointStore
+from .config import Settings
+from .images import shared_fetcher
+from .label_config import parse_brush_target
+from .network import default_device
+from .scoring import ScoringOptions, rank_tasks
+
+log = logging.getLogger(__name__)
+
+
+def refresh_queue(
+    project: str, settings: Settings, on_progress: Callable[[str, int, int | None], None] | None = None
+) -> dict:
+    """Rank every unlabelled task of `project` with its newest version and write the order."""
+    fetcher = shared_fetcher(settings)
+    api = fetcher.label_studio
+    info = api.request("GET", f"/api/projects/{int(project)}").json()
+    target = parse_brush_target(info.get("label_config"))
+    tasks = project_pool(api, int(project), target.value_key)
+    if not tasks.pool:
+        return {"priority_version": None, "ranked": 0, "note": "no unlabelled tasks"}
+    version, net = CheckpointStore.for_project(settings.model_dir, project, target).load_newest_intact()
+    ranking, _ = rank_tasks(
+        net,
+        version,
+        target,
+        fetcher.fetch,
+        tasks.pool,
+        tasks.labeled,
+        strategy=settings.queue_strategy,
+        k=len(tasks.pool),
+        options=ScoringOptions(tile=settings.tile_size, overlap=settings.tile_overlap),
+        device=default_device(),
+        progress=False,
+        on_progress=on_progress,
+    )
+    written = write_order(
+        api, info, ranking, tasks.tasks, say=lambda m: log.info("project %s: %s", project, m)
+    )
+    return {
+        "priority_version": written.version,
+        "strategy": ranking.strategy,
+        "ranked": written.ranked,
+        "skipped": len(ranking.skipped),
+        "removed_versions": written.removed_versions,
+    }
