@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ from ml_backend.checkpoints import CheckpointStore, Version
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNet, UNetConfig, build_unet
 from ml_backend.training import TrainConfig, fine_tune
+from sdk.local_stack import REPO_ROOT
 from sdk.synthetic import synthetic_em
 
 BRUSH_CONFIG = (
@@ -62,3 +66,16 @@ def train_small_net(steps: int = 40, seed: int = 0) -> UNet:
 def publish(net: UNet, model_dir: Path, project: int | str, label_config: str = BRUSH_CONFIG) -> Version:
     store = CheckpointStore.for_project(model_dir, str(project), parse_brush_target(label_config))
     return store.save(net, parent=None, metrics={"source": "test"})
+
+
+def run_prioritize(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`scripts/prioritize.py` as a user runs it, with only `env`'s Label Studio and MODEL_DIR."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_DIR"))}
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "prioritize.py"), *args],
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
+    )

@@ -23,8 +23,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,12 +38,11 @@ from sdk.local_stack import REPO_ROOT
 from sdk.synthetic import synthetic_em
 
 from .conftest import unavailable
-from .helpers import BRUSH_CONFIG, publish, write_images
+from .helpers import BRUSH_CONFIG, publish, run_prioritize, write_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 UNCERTAINTY_CONFIG_PATH = REPO_ROOT / "docs" / "label-config-uncertainty.xml"
-PRIORITIZE = REPO_ROOT / "scripts" / "prioritize.py"
 VIEWPORT = {"width": 1280, "height": 800}
 CHROMIUM_ARGS = [
     "--headless",
@@ -369,18 +366,9 @@ def test_uncertainty_map_is_shown_beside_the_image(page, label_studio, tmp_path,
     model_dir = tmp_path / "models"
     publish(browser_net, model_dir, project_id)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_DIR"))}
-    env |= {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
-    env |= {"MODEL_DIR": str(model_dir)}
+    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
     args = ["--project", str(project_id), "--strategy", "entropy", "--batch", "2", "--heatmaps"]
-    proc = subprocess.run(
-        [sys.executable, str(PRIORITIZE), *args, "--json", "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO_ROOT,
-    )
+    proc = run_prioritize(*args, "--json", "--quiet", env={**env, "MODEL_DIR": str(model_dir)})
     assert proc.returncode == 0, proc.stderr
     ranking = json.loads(proc.stdout)
     first = ranking["ranking"][0]["task"]

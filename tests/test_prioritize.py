@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -26,16 +24,14 @@ from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNetConfig, build_unet
 from ml_backend.scoring import score_pool
 from ml_backend.training import TrainConfig, fine_tune
-from sdk.local_stack import REPO_ROOT
 from sdk.priority import PRIORITY_VIEW, is_priority_version
 from sdk.strategies import image_score
 from sdk.synthetic import synthetic_em
 
-from .helpers import BRUSH_CONFIG, publish, write_images
+from .helpers import BRUSH_CONFIG, publish, run_prioritize, write_images
 
 pytestmark = pytest.mark.integration
 
-SCRIPT = REPO_ROOT / "scripts" / "prioritize.py"
 SHAPES = [(128, 128), (160, 128), (128, 192), (144, 144), (192, 160), (128, 128), (160, 160), (176, 128)]
 
 
@@ -97,26 +93,12 @@ class Project:
             "MODEL_DIR": str(model_dir or self.model_dir),
             **(env or {}),
         }
-        return run_script("--project", str(self.id), *args, env=environ)
+        return run_prioritize("--project", str(self.id), *args, env=environ)
 
     def ranking(self, *args: str, **kw) -> dict:
         proc = self.prioritize(*args, "--json", "--quiet", **kw)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
-
-
-def run_script(*args: str, env: dict) -> subprocess.CompletedProcess:
-    import os
-
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_DIR"))}
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        env={**environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO_ROOT,
-    )
 
 
 def own_queue() -> str:
@@ -278,7 +260,7 @@ def test_errors_are_one_line_with_a_nonzero_exit(label_studio, tmp_path):
          "check LABEL_STUDIO_API_KEY"),
     ]  # fmt: skip
     for args, environ, code, message in cases:
-        proc = run_script(*args, env=environ)
+        proc = run_prioritize(*args, env=environ)
         assert proc.returncode == code, (args, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -4,10 +4,7 @@ process → a new checkpoint version → new predictions. Real everything, no mo
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -19,9 +16,8 @@ import requests
 
 from ml_backend.label_config import parse_brush_target
 from ml_backend.predictions import brush_results
-from sdk.local_stack import REPO_ROOT
 
-from .helpers import BRUSH_CONFIG, publish, train_small_net, write_images
+from .helpers import BRUSH_CONFIG, publish, run_prioritize, train_small_net, write_images
 
 pytestmark = pytest.mark.integration
 TARGET = parse_brush_target(BRUSH_CONFIG)
@@ -169,21 +165,9 @@ def test_training_reorders_the_queue_by_itself(
         assert {r["type"] for r in current[0].result} == {"brushlabels"}
 
     # /next serves the task that prioritize.py ranks first for this version.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_DIR"))}
-    env.update(
-        LABEL_STUDIO_URL=label_studio.url,
-        LABEL_STUDIO_API_KEY=label_studio.token,
-        MODEL_DIR=str(loop.model_dir),
-    )
-    proc = subprocess.run(
-        [sys.executable, "scripts/prioritize.py", "--project", str(loop.project.id), "--strategy", "entropy"]
-        + ["--batch", "100", "--dry-run", "--json", "--quiet"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO_ROOT,
-    )
+    env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
+    args = ["--project", str(loop.project.id), "--strategy", "entropy", "--batch", "100", "--dry-run"]
+    proc = run_prioritize(*args, "--json", "--quiet", env={**env, "MODEL_DIR": str(loop.model_dir)})
     assert proc.returncode == 0, proc.stderr
     ranking = json.loads(proc.stdout)
     assert ranking["model_version"] == newest
