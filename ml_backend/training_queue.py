@@ -27,7 +27,7 @@ from contextlib import contextmanager
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -155,13 +155,18 @@ class ProjectTraining:
         return job_id
 
     def _pending(self, job_id: bytes | None) -> bool:
-        """Whether the scheduled job still exists and has not finished (it may have been lost)."""
+        """Whether the scheduled job still exists, has not finished and, once started, still has a
+        live worker (it may have been lost)."""
         if not job_id:
             return False
         try:
-            status = Job.fetch(job_id.decode(), connection=self.redis).get_status()
+            job = Job.fetch(job_id.decode(), connection=self.redis)
         except NoSuchJobError:
             return False
+        status = job.get_status()
+        worker = Worker.redis_worker_namespace_prefix + (job.worker_name or "")
+        if status == JobStatus.STARTED and job.worker_name and not self.redis.exists(worker):
+            return False  # its worker died (its registration expired) before the job took its snapshot
         return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 
     # -- job side -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from rq.job import JobStatus
 
 from ml_backend.config import Settings
 from ml_backend.training_queue import ProjectTraining, all_statuses, connect, retry_interrupted
@@ -100,6 +101,22 @@ def test_a_lost_job_is_replaced_by_the_next_event(
     assert state.record_event("ANNOTATION_CREATED", settings)["queued"] is False
     [replacement] = queued_jobs(settings, redis)
     assert replacement.id != job.id and redis_get(state, "scheduled") == replacement.id.encode()
+
+
+def test_a_job_whose_worker_died_before_its_snapshot_is_replaced(
+    state: ProjectTraining, settings: Settings, redis: Redis
+) -> None:
+    assert state.record_event("ANNOTATION_CREATED", settings)["queued"]
+    [job] = queued_jobs(settings, redis)
+    job.worker_name = f"test-worker-{uuid.uuid4().hex[:6]}"
+    job.set_status(JobStatus.STARTED)
+    job.save()
+    registration = f"rq:worker:{job.worker_name}"
+    redis.set(registration, 1, ex=30)  # its worker is alive: the job is still pending
+    assert state.record_event("ANNOTATION_CREATED", settings)["queued"] is False
+    redis.delete(registration)  # the worker died and its registration expired
+    assert state.record_event("ANNOTATION_CREATED", settings)["queued"]
+    assert redis_get(state, "scheduled") != job.id.encode()
 
 
 def test_projects_of_two_label_studios_do_not_mix(redis: Redis, settings: Settings) -> None:
