@@ -260,8 +260,7 @@ class ImageFetcher:
             except LabelStudioError as exc:
                 raise ImageError(str(exc)) from None
             try:
-                get = self._session.get
-                with get(
+                with self._session.get(
                     url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=not restricted
                 ) as resp:
                     if resp.status_code == 401 and attempt == 0 and own:

@@ -171,14 +171,10 @@ def create_app(
     def health() -> Response:
         """Label Studio needs only `status`; the device and the served versions (project ids)
         are shown only to callers that authenticated, i.e. when basic auth is on."""
-        if not settings.basic_auth_user:
-            return jsonify(status="UP", model_class=model_class.__name__)
-        return jsonify(
-            status="UP",
-            model_class=model_class.__name__,
-            device=str(runtime.registry.device),
-            serving=runtime.registry.loaded_versions(),
-        )
+        body: dict[str, Any] = {"status": "UP", "model_class": model_class.__name__}
+        if settings.basic_auth_user:
+            body.update(device=str(runtime.registry.device), serving=runtime.registry.loaded_versions())
+        return jsonify(body)
 
     @app.post("/setup")
     def setup() -> Response:

@@ -164,8 +164,8 @@ class ProjectTraining:
         except NoSuchJobError:
             return False
         status = job.get_status()
-        worker = Worker.redis_worker_namespace_prefix + (job.worker_name or "")
-        if status == JobStatus.STARTED and job.worker_name and not self.redis.exists(worker):
+        worker = job.worker_name and Worker.redis_worker_namespace_prefix + job.worker_name
+        if status == JobStatus.STARTED and worker and not self.redis.exists(worker):
             return False  # its worker died (its registration expired) before the job took its snapshot
         return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 
@@ -220,17 +220,20 @@ class ProjectTraining:
         self.redis.set(self.key("trained_generation"), generation)
 
 
-def all_statuses(redis: Redis, queue: str) -> list[dict]:
+def project_ids(redis: Redis, queue: str) -> list[str]:
+    """Every project with a training status on `queue`."""
     pattern = f"emloop:{queue}:train:*:status"
-    projects = sorted({key.decode().split(":")[-2] for key in redis.scan_iter(match=pattern, count=500)})
-    return [ProjectTraining(redis, p, queue).status() for p in projects]
+    return sorted({key.decode().split(":")[-2] for key in redis.scan_iter(match=pattern, count=500)})
+
+
+def all_statuses(redis: Redis, queue: str) -> list[dict]:
+    return [ProjectTraining(redis, p, queue).status() for p in project_ids(redis, queue)]
 
 
 def retry_interrupted(redis: Redis, settings: Settings) -> list[str]:
     """`ProjectTraining.retry_if_interrupted` over every project: the new jobs' ids."""
-    statuses = all_statuses(redis, settings.queue_name)
+    queue = settings.queue_name
     jobs = [
-        ProjectTraining(redis, s["project"], settings.queue_name).retry_if_interrupted(settings)
-        for s in statuses
+        ProjectTraining(redis, p, queue).retry_if_interrupted(settings) for p in project_ids(redis, queue)
     ]
     return [job for job in jobs if job]
