@@ -63,6 +63,8 @@ class Settings:
     image_hosts: tuple[str, ...] = ()
     max_request_bytes: int = 32 * 2**20
     predict_queue: int = 8
+    predict_budget: float = 60.0
+    preannotate_chunk: int = 50
     max_labels: int = 32
     max_projects: int = 64
     threads: int = 4
@@ -98,6 +100,8 @@ class Settings:
             image_hosts=_names("IMAGE_HOSTS"),
             max_request_bytes=_int("MAX_REQUEST_MB", cls.max_request_bytes // 2**20) * 2**20,
             predict_queue=max(1, _int("PREDICT_QUEUE", cls.predict_queue)),
+            predict_budget=_float("PREDICT_BUDGET_SECONDS", cls.predict_budget),
+            preannotate_chunk=max(1, _int("PREANNOTATE_CHUNK", cls.preannotate_chunk)),
             max_labels=_int("MAX_LABELS", cls.max_labels),
             max_projects=max(1, _int("MAX_PROJECTS", cls.max_projects)),
             threads=_int("THREADS", cls.threads),

@@ -6,6 +6,7 @@ The network, checkpoints, image fetching and training jobs live in their own mod
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from .base import MLBackendBase
@@ -13,6 +14,7 @@ from .checkpoints import CheckpointStore
 from .images import ImageError
 from .inference import PredictionTooLarge, check_prediction_size, predict_image
 from .label_config import parse_brush_target
+from .preannotation import hand_to_workers
 from .predictions import build_prediction
 from .training_queue import TRAINING_EVENTS
 
@@ -36,8 +38,13 @@ class EMSegmentationModel(MLBackendBase):
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
         model = self.runtime.registry.current(self.store)  # every task of this request uses it
         settings = self.runtime.settings
+        deadline = time.monotonic() + settings.predict_budget
         predictions = []
-        for task in tasks:
+        for i, task in enumerate(tasks):
+            if time.monotonic() > deadline:  # Label Studio gives up at 100 s: workers do the rest
+                rest, version, key = tasks[i:], model.version.name, self.target.value_key
+                queued = hand_to_workers(self.runtime.redis, settings, self.project_id, version, key, rest)
+                return predictions + queued
             try:
                 image = self.runtime.images.fetch(self._image_url(task))
                 check_prediction_size(image.shape, model.net.config.n_classes, settings.max_predict_bytes)

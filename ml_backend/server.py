@@ -16,6 +16,7 @@ from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from sdk.labelstudio import LabelStudioError
 from sdk.lru import LRU
 
 from .base import MLBackendBase, project_key
@@ -23,6 +24,7 @@ from .checkpoints import trained_version_names
 from .config import Settings
 from .label_config import LabelConfigError
 from .model import EMSegmentationModel
+from .preannotation import queue_project
 from .runtime import Runtime
 from .training_queue import all_statuses
 
@@ -208,9 +210,10 @@ def create_app(
             next(predicted) if isinstance(t, dict) else {"error": "task must be a JSON object"} for t in tasks
         ]
         failed = [r for r in results if "error" in r]
-        metrics.inc(
-            "emloop_predicted_tasks_total", len(results) - len(failed), help="tasks given a prediction"
-        )
+        queued = sum(1 for r in results if r.get("queued"))
+        predicted = len(results) - len(failed) - queued
+        metrics.inc("emloop_predicted_tasks_total", predicted, help="tasks given a prediction")
+        metrics.inc("emloop_queued_tasks_total", queued, help="tasks handed to the workers (no time left)")
         metrics.inc("emloop_failed_tasks_total", len(failed), help="tasks that could not be predicted")
         for r in failed:
             log.warning("task %s not predicted: %s", r.get("task"), r["error"])
@@ -234,6 +237,22 @@ def create_app(
         label_config = project.get("label_config") if isinstance(project, dict) else None
         model = make_model(project, label_config)
         return jsonify(action=action, **model.fit(action, body))
+
+    @app.post("/preannotate/<project>")
+    def preannotate(project: str) -> Response:
+        """Queue pre-annotation of a project's tasks on the workers (`scripts/preannotate.py`)."""
+        body = request.get_json(silent=True) if request.data else {}
+        include_labeled = bool(body.get("include_labeled")) if isinstance(body, dict) else False
+        try:
+            key = project_key(project)
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        try:
+            return jsonify(queue_project(runtime, key, include_labeled=include_labeled))
+        except LabelConfigError as exc:
+            raise Refused(f"label config: {exc}") from None
+        except LabelStudioError as exc:
+            raise Refused(f"Label Studio: {exc}", 502) from None
 
     @app.get("/versions")
     def model_versions() -> Response:

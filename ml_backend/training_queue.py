@@ -27,11 +27,11 @@ from contextlib import contextmanager
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, Worker
-from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq import Queue
 
 from .config import Settings
+from .jobs import job_pending
+from .preannotation import Progress
 
 #: Label Studio webhook actions that (re)train a project's model.
 TRAINING_EVENTS = frozenset(
@@ -83,6 +83,9 @@ class ProjectTraining:
                 out[k.decode()] = text
         if out.get("state") == "running" and not self.redis.exists(self.key("lock")):
             out["state"] = "interrupted"  # the worker died; its lock expired with it
+        preannotation = Progress(self.redis, self.project, self.queue).read()
+        if preannotation:
+            out["preannotation"] = preannotation
         return out
 
     # -- webhook side -------------------------------------------------------------------
@@ -99,7 +102,7 @@ class ProjectTraining:
         ttl = int(settings.train_debounce + settings.train_job_timeout)
         job_id = uuid.uuid4().hex
         enqueue = bool(self.redis.set(self.key("scheduled"), job_id, nx=True, ex=ttl))
-        if not enqueue and not self._pending(self.redis.get(self.key("scheduled"))):
+        if not enqueue and not job_pending(self.redis, self.redis.get(self.key("scheduled"))):
             enqueue = bool(self.redis.set(self.key("scheduled"), job_id, ex=ttl))
         state = {"last_event": action, "last_event_at": now, "generation": generation}
         if enqueue:
@@ -154,21 +157,6 @@ class ProjectTraining:
         )
         return job_id
 
-    def _pending(self, job_id: bytes | None) -> bool:
-        """Whether the scheduled job still exists, has not finished and, once started, still has a
-        live worker (it may have been lost)."""
-        if not job_id:
-            return False
-        try:
-            job = Job.fetch(job_id.decode(), connection=self.redis)
-        except NoSuchJobError:
-            return False
-        status = job.get_status()
-        worker = job.worker_name and Worker.redis_worker_namespace_prefix + job.worker_name
-        if status == JobStatus.STARTED and worker and not self.redis.exists(worker):
-            return False  # its worker died (its registration expired) before the job took its snapshot
-        return status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
-
     # -- job side -------------------------------------------------------------------------
     def wait_quiet(self, quiet: float, poll: float = 0.2) -> None:
         """Return once no event arrived for `quiet` seconds, or at once if forced."""
@@ -222,7 +210,7 @@ class ProjectTraining:
 
 def project_ids(redis: Redis, queue: str) -> list[str]:
     """Every project with a training status on `queue`."""
-    pattern = f"emloop:{queue}:train:*:status"
+    pattern = f"emloop:{queue}:*:*:status"  # training, pre-annotation
     return sorted({key.decode().split(":")[-2] for key in redis.scan_iter(match=pattern, count=500)})
 
 

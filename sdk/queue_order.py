@@ -58,11 +58,16 @@ class ProjectPool:
     unusable: list[int] = field(default_factory=list)  # no image in the configured field
 
 
-def iter_tasks(api: LabelStudioAPI, project_id: int, page_size: int = 100) -> Iterator[dict]:
-    """Every task with its data as stored (unresolved URLs), so data can be written back as is."""
+def iter_tasks(
+    api: LabelStudioAPI, project_id: int, page_size: int = 100, fields: str | None = None
+) -> Iterator[dict]:
+    """Every task with its data as stored (unresolved URLs), so data can be written back as is;
+    ``fields="all"`` adds each task's predictions (with their results: heavier)."""
     page, seen = 1, 0
     while True:
         params = {"project": project_id, "page": page, "page_size": page_size, "resolve_uri": "false"}
+        if fields:
+            params["fields"] = fields
         body = api.request("GET", "/api/tasks", params=params).json()
         yield from body["tasks"]
         seen += len(body["tasks"])

@@ -68,14 +68,18 @@ def publish(net: UNet, model_dir: Path, project: int | str, label_config: str = 
     return store.save(net, parent=None, metrics={"source": "test"})
 
 
-def run_prioritize(*args: str, env: dict) -> subprocess.CompletedProcess:
-    """`scripts/prioritize.py` as a user runs it, with only `env`'s Label Studio and MODEL_DIR."""
+def run_script(script: str, *args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`scripts/<script>` as a user runs it, with only `env`'s Label Studio and MODEL_DIR."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "MODEL_DIR"))}
     return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "prioritize.py"), *args],
+        [sys.executable, str(REPO_ROOT / "scripts" / script), *args],
         env={**environ, **env},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=REPO_ROOT,
     )
+
+
+def run_prioritize(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return run_script("prioritize.py", *args, env=env)
