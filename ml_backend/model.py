@@ -65,7 +65,8 @@ class EMSegmentationModel(MLBackendBase):
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
         """Never trains here (Label Studio waits 1 s): records the event for the RQ worker."""
-        return self.runtime.training(self.project_id).record_event(event, self.runtime.settings)
+        training = self.runtime.training(self.project_id)
+        return training.record_event(event, self.runtime.settings, data.get("project"))
 
     def _image_url(self, task: dict) -> str:
         data = task.get("data")

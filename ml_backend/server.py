@@ -27,6 +27,7 @@ from .model import EMSegmentationModel
 from .preannotation import queue_project
 from .runtime import Runtime
 from .training_queue import all_statuses
+from .training_toggle import turn_on_in_background
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def create_app(
     def setup() -> Response:
         body = _json_body()
         model = make_model(body.get("project"), body.get("schema"))
+        turn_on_in_background(runtime.training(model.project_id), runtime.images.label_studio)
         return jsonify(model_version=model.model_version)
 
     @app.post("/predict")

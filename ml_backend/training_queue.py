@@ -44,6 +44,34 @@ TRAINING_EVENTS = frozenset(
     }
 )
 FORCE_EVENTS = frozenset({"START_TRAINING"})
+#: Label Studio's *Settings → Model → Start model training on annotation submission* (0 = off).
+TOGGLE_FIELD = "min_annotations_to_start_training"
+
+
+def training_decision(action: str, project: object, managed: bool) -> tuple[bool, bool, str]:
+    """(train, skip the quiet period, why) for a training event under the project's toggle.
+
+    With the toggle on, Label Studio itself sends START_TRAINING on every N-th annotation save, so
+    that event is debounced like the annotation events; with it off only the *Start Training*
+    button sends it, which trains at once. Annotation events are ignored while the toggle is off,
+    but only once the backend manages the toggle (`managed`: it turned it on, or found it on), so a
+    backend that cannot reach Label Studio's settings keeps training from every annotation.
+    """
+    toggle = project.get(TOGGLE_FIELD) if isinstance(project, dict) else None
+    on = isinstance(toggle, int) and toggle > 0
+    if action in FORCE_EVENTS:
+        return (
+            True,
+            not on,
+            "debounced: Label Studio sends it with annotations while the toggle is on" if on else "",
+        )
+    if toggle == 0 and managed:
+        return (
+            False,
+            False,
+            "'Start model training on annotation submission' is off in the project's settings",
+        )
+    return True, False, ""
 
 
 class QueueUnavailable(RuntimeError):
@@ -89,13 +117,34 @@ class ProjectTraining:
         return out
 
     # -- webhook side -------------------------------------------------------------------
-    def record_event(self, action: str, settings: Settings) -> dict:
-        """Count the event and enqueue a job unless one is already waiting."""
+    def toggle_managed(self) -> bool:
+        """Whether the backend set (or found) Label Studio's toggle on (see training_decision)."""
+        return bool(self.redis.exists(self.key("toggle_managed")))
+
+    def claim_toggle(self, seconds: int = 30) -> bool:
+        """One /setup at a time turns the toggle on: two could both read "off", the second after
+        the user had turned it off again."""
+        return not self.toggle_managed() and bool(
+            self.redis.set(self.key("toggle_claim"), 1, nx=True, ex=seconds)
+        )
+
+    def manage_toggle(self) -> None:
+        self.redis.set(self.key("toggle_managed"), 1)
+
+    def record_event(self, action: str, settings: Settings, project: object = None) -> dict:
+        """Count the event and enqueue a job unless one is already waiting; `project` is the
+        webhook's project object, whose toggle decides whether annotations train."""
         now = time.time()
+        train, forced, why = training_decision(
+            action, project, bool(self.redis.exists(self.key("toggle_managed")))
+        )
+        if not train:
+            self.set_status(last_event=action, last_event_at=now, message=f"{action} not trained on: {why}")
+            return {"queued": False, "ignored": why}
         pipe = self.redis.pipeline()
         pipe.incr(self.key("generation"))
         pipe.set(self.key("last_event"), now)
-        if action in FORCE_EVENTS:
+        if forced:
             pipe.set(self.key("force"), 1)
         generation = pipe.execute()[0]
         # Expires so that a lost job cannot block training for long, even unnoticed.

@@ -179,6 +179,33 @@ def test_training_reorders_the_queue_by_itself(
     assert served["id"] == ranking["ranking"][0]["task"]
 
 
+def test_label_studios_training_toggle_is_turned_on_and_honoured(
+    label_studio, backend_factory, worker_factory, tmp_path, start_net
+):
+    """Issue 14: connecting turns *Start model training on annotation submission* on (what the
+    backend does); turned off by a user, annotations do not train, and *Start Training* does."""
+    loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net)
+    api, path = label_studio.api(), f"/api/projects/{loop.project.id}"
+    toggle = lambda: api.request("GET", path).json()["min_annotations_to_start_training"]  # noqa: E731
+    wait_for("the backend to turn the toggle on", lambda: toggle() == 1, timeout=30)
+
+    api.request("PATCH", path, json={"min_annotations_to_start_training": 0})  # the user turns it off
+    loop.worker()
+    loop.annotate(0)
+    loop.annotate(1)
+    wait_for("the webhooks", lambda: "not trained on" in loop.status().get("message", ""), timeout=30)
+    time.sleep(3 * float(loop.env["TRAIN_DEBOUNCE_SECONDS"]))  # a run would have started by now
+    status = loop.status()
+    assert "generation" not in status and len(loop.versions()) == 1, status
+    assert toggle() == 0  # the user's choice stays: /setup again does not turn it back on
+    label_studio.retrieve_predictions(loop.project.id)  # Label Studio calls /setup first
+    assert toggle() == 0
+
+    api.request("POST", f"/api/ml/{loop.ml.id}/train")  # the Start Training button
+    trained = loop.wait_versions(2)[1]["metrics"]
+    assert trained["n_train"] + trained["n_holdout"] == 2, (trained, loop.status())
+
+
 def test_annotation_during_training_gets_a_follow_up_run(
     label_studio, backend_factory, worker_factory, tmp_path, start_net
 ):

@@ -18,7 +18,13 @@ from rq import Queue
 from rq.job import JobStatus
 
 from ml_backend.config import Settings
-from ml_backend.training_queue import ProjectTraining, all_statuses, connect, retry_interrupted
+from ml_backend.training_queue import (
+    ProjectTraining,
+    all_statuses,
+    connect,
+    retry_interrupted,
+    training_decision,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -164,6 +170,34 @@ def test_start_training_forces_once(state: ProjectTraining, settings: Settings) 
     generation, trained, forced = state.take_snapshot()
     assert (generation, trained, forced) == (2, 1, True)
     assert state.take_snapshot()[2] is False  # the force flag is consumed
+
+
+def test_training_decision_follows_label_studios_toggle() -> None:
+    on, off = {"min_annotations_to_start_training": 1}, {"min_annotations_to_start_training": 0}
+    # Annotations train unless the toggle is off and the backend manages it.
+    assert training_decision("ANNOTATION_CREATED", on, managed=True)[:2] == (True, False)
+    assert training_decision("ANNOTATION_CREATED", off, managed=True)[0] is False
+    assert training_decision("ANNOTATION_CREATED", off, managed=False)[0] is True
+    assert training_decision("ANNOTATION_CREATED", None, managed=True)[0] is True  # no project sent
+    # The button always trains; at once unless Label Studio sends it with every annotation.
+    assert training_decision("START_TRAINING", off, managed=True)[:2] == (True, True)
+    assert training_decision("START_TRAINING", None, managed=False)[:2] == (True, True)
+    assert training_decision("START_TRAINING", on, managed=True)[:2] == (True, False)
+
+
+def test_annotations_do_not_train_once_the_user_turned_training_off(
+    state: ProjectTraining, settings: Settings, redis: Redis
+) -> None:
+    off = {"id": 1, "min_annotations_to_start_training": 0}
+    assert state.record_event("ANNOTATION_CREATED", settings, off)["queued"]  # not managed yet
+    assert not state.toggle_managed()
+    state.manage_toggle()
+    answer = state.record_event("ANNOTATION_CREATED", settings, off)
+    assert answer["queued"] is False and "off" in answer["ignored"]
+    assert redis_get(state, "generation") == b"1"  # not counted
+    assert "not trained on" in state.status()["message"]
+    state.record_event("START_TRAINING", settings, off)  # the button
+    assert redis_get(state, "generation") == b"2" and redis_get(state, "force") == b"1"
 
 
 # -- job side: quiet period ----------------------------------------------------------------------
