@@ -5,7 +5,7 @@ Starts (or reuses) Redis, starts Label Studio, the ML backend and an RQ worker, 
 the "emloop demo" project, imports synthetic EM sections (or slices of your own volume),
 connects the backend, annotates a few synthetic sections with their ground truth as an
 expert would (Label Studio's webhooks make the worker train a first model version),
-retrieves predictions and then waits. Ctrl-C stops everything it started; a Redis that
+pre-annotates every task on the worker and then waits. Ctrl-C stops everything it started; a Redis that
 was already running is left alone. State lives in `.run/demo/`, so a second run reuses
 the database and the project.
 """
@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 
 from ml_backend.label_config import parse_brush_target  # noqa: E402
 from ml_backend.predictions import brush_results  # noqa: E402
+from sdk.backend_api import BackendAPI  # noqa: E402
 from sdk.local_stack import (  # noqa: E402
     BackendServer,
     LabelStudioServer,
@@ -38,6 +39,7 @@ from sdk.local_stack import (  # noqa: E402
     ensure_redis,
     install_sigterm_handler,
 )
+from sdk.queue_order import ensure_priority_view  # noqa: E402
 from sdk.synthetic import write_demo_images  # noqa: E402
 
 PROJECT_TITLE = "emloop demo"
@@ -93,13 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bind", default="127.0.0.1", help="Label Studio listen address; 0.0.0.0 for other machines"
     )
-    parser.add_argument(
-        "--predict-batch",
-        type=int,
-        default=4,
-        help="tasks per 'Retrieve predictions' call (Label Studio gives /predict 100 s) [4]",
-    )
-    parser.add_argument("--no-predict", action="store_true", help="do not retrieve predictions")
+    parser.add_argument("--no-predict", action="store_true", help="do not pre-annotate the tasks")
     parser.add_argument(
         "--teach",
         type=int,
@@ -220,16 +216,13 @@ def connect_backend(ls: LabelStudioServer, project_id: int, backend_url: str) ->
         client.ml.create(project=project_id, url=backend_url, title="emloop", is_interactive=False)
 
 
-def retrieve_predictions(ls: LabelStudioServer, project_id: int, batch: int) -> tuple[int, int]:
-    client = ls.client()
-    task_ids = [t.id for t in client.tasks.list(project=project_id, fields="all")]
-    for start in range(0, len(task_ids), max(1, batch)):
-        chunk = task_ids[start : start + batch]
-        t0 = time.monotonic()
-        ls.retrieve_predictions(project_id, chunk)
-        note(f"tasks {start + 1}-{start + len(chunk)} of {len(task_ids)}: {time.monotonic() - t0:.1f}s")
-    tasks = list(client.tasks.list(project=project_id, fields="all"))
-    return sum(1 for t in tasks if (t.total_predictions or 0) > 0), len(tasks)
+def preannotate(backend: BackendServer, project_id: int) -> dict:
+    """Every task pre-annotated by the worker in chunks (no /predict timeout), as
+    `scripts/preannotate.py` does."""
+    api = BackendAPI(backend.url)
+    queued = api.preannotate(project_id, include_labeled=True)
+    note(f"{queued['queued_tasks']} tasks queued for the worker ({queued['already']} already done)")
+    return api.follow_preannotation(project_id, progress=False)
 
 
 def use_newest_predictions(ls: LabelStudioServer, project_id: int, backend: BackendServer) -> str:
@@ -352,6 +345,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         note(f"WARNING: could not connect the backend: {exc}")
         args.no_predict = True
 
+    status: dict = {}  # the first training run's, when the demo teaches
     if args.volume is None and args.teach > 0 and not args.no_predict:
         step(f"Teaching: {args.teach} expert annotations (the synthetic ground truth) → webhooks → worker")
         try:
@@ -373,17 +367,27 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             note(f"WARNING: teaching failed: {exc} (see {logs})")
 
     if not args.no_predict:
-        step("Retrieving predictions (Data Manager action)")
+        step("Pre-annotating every task (jobs on the worker)")
         try:
-            done, total = retrieve_predictions(ls, project.id, args.predict_batch)
-            note(f"{done}/{total} tasks have predictions")
-            if done < total:
-                failures.append(f"predictions: only {done}/{total} tasks")
-            version = use_newest_predictions(ls, project.id, backend)
-            note(f"project model version set to {version}: uncertainty sampling serves by its scores")
+            done = preannotate(backend, project.id)
+            total = len(list(ls.client().tasks.list(project=project.id)))
+            predicted = done.get("predicted", 0) + done.get("skipped", 0) + done.get("already", 0)
+            note(f"{predicted}/{total} tasks have predictions")
+            if done.get("failed") or predicted < total:
+                failures.append(f"predictions: {done.get('failed', 0)} failed, {predicted}/{total} done")
+            ranked = ((status or {}).get("last_result") or {}).get("queue") or {}
+            if ranked.get("priority_version"):
+                note(
+                    f"queue ranked by {ranked['priority_version']} ({ranked['ranked']} unlabelled tasks): the"
+                    " worker re-ranks it after every training run; scores are ranks, lowest served first"
+                )
+            else:
+                version = use_newest_predictions(ls, project.id, backend)
+                note(f"project model version set to {version}: uncertainty sampling serves by its scores")
+            ensure_priority_view(ls.api(), project.id)  # a tab that shows the prediction score
         except Exception as exc:
             failures.append(f"predictions: {exc}")
-            note(f"WARNING: retrieving predictions failed: {exc} (see {backend.log_path})")
+            note(f"WARNING: pre-annotation failed: {exc} (see {logs})")
 
     print(
         f"\nemloop demo is {'set up' if args.smoke else 'running'}:\n"

@@ -24,17 +24,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-
-import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 
-from tqdm import tqdm  # noqa: E402
-
+from sdk.backend_api import BackendAPI  # noqa: E402
 from sdk.cli import run_main  # noqa: E402
 from sdk.labelstudio import LabelStudioAPI  # noqa: E402
 
@@ -74,47 +70,11 @@ def connected_backend(project: int) -> str:
     return str(backends[0]["url"]).rstrip("/")
 
 
-class Backend:
-    def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.session = requests.Session()
-        user = os.environ.get("BASIC_AUTH_USER")
-        if user:
-            self.session.auth = (user, os.environ.get("BASIC_AUTH_PASS", ""))
-
-    def call(self, method: str, path: str, **kwargs: object) -> dict:
-        try:
-            resp = self.session.request(method, self.url + path, timeout=600, **kwargs)
-        except requests.RequestException as exc:
-            raise RuntimeError(f"cannot reach the ML backend at {self.url} ({type(exc).__name__})") from None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = {"error": resp.text[:300]}
-        if resp.status_code >= 400:
-            raise RuntimeError(f"the ML backend answered HTTP {resp.status_code}: {body.get('error', body)}")
-        return body
-
-
-def follow(backend: Backend, project: int, poll: float) -> dict:
-    """The run's status once no job is queued or running, with a progress bar meanwhile."""
-    with tqdm(desc="pre-annotating", unit="task") as bar:
-        while True:
-            status = backend.call("GET", f"/status/{project}").get("preannotation") or {}
-            bar.total = status.get("total", 0)
-            bar.n = sum(status.get(k, 0) for k in ("predicted", "skipped", "failed"))
-            bar.set_postfix(failed=status.get("failed", 0), refresh=False)
-            bar.refresh()
-            if status.get("state") != "running":
-                return status
-            time.sleep(poll)
-
-
 def run(args: argparse.Namespace) -> str:
     if args.poll <= 0:
         raise UsageError("--poll must be positive")
-    backend = Backend(args.backend or connected_backend(args.project))
-    queued = backend.call("POST", f"/preannotate/{args.project}", json={"include_labeled": args.all})
+    backend = BackendAPI(args.backend or connected_backend(args.project))
+    queued = backend.preannotate(args.project, include_labeled=args.all)
     message = (
         f"project {args.project}: {queued['queued_tasks']} task(s) queued in {queued['jobs']} job(s)"
         f" with {queued['version']}; {queued['already']} already had a prediction of it"
@@ -124,24 +84,24 @@ def run(args: argparse.Namespace) -> str:
     print(f"{PROG}: {message}", file=sys.stderr)
     if args.no_wait or not queued["jobs"]:
         return "nothing to wait for" if not queued["jobs"] else "queued; follow it in /status"
-    status = follow(backend, args.project, args.poll)
+    status = backend.follow_preannotation(args.project, poll=args.poll)
     if args.json:
         print(json.dumps(status, indent=1))
     failed_jobs = status.get("jobs", {}).get("failed", 0)
     if status.get("failed") or failed_jobs:
         shown = "; ".join(f"task {t}: {why}" for t, why in list(status.get("failures", {}).items())[:5])
         raise Failed(
-            f"{status.get('failed', 0)} task(s) and {failed_jobs} job(s) failed ({shown or 'see the worker log'});"
-            " re-run to retry them"
+            f"{status.get('failed', 0)} task(s) and {failed_jobs} job(s) failed"
+            f" ({shown or 'see the worker log'}); re-run to retry them"
         )
-    return f"{status['predicted']} task(s) pre-annotated with {status['version']}, {status['skipped']} skipped"
+    done = f"{status['predicted']} task(s) pre-annotated with {status['version']}"
+    return f"{done}, {status['skipped']} already had a prediction"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     url = os.environ.get("LABEL_STUDIO_URL", "http://localhost:8080")
-    code = run_main(PROG, lambda: run(args), input_errors=(UsageError,), url=url)
-    return code
+    return run_main(PROG, lambda: run(args), input_errors=(UsageError,), url=url)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,34 @@ def project_pool(api: LabelStudioAPI, project_id: int, value_key: str) -> Projec
     return out
 
 
+# Bookkeeping columns hidden in that tab. Label Studio's own default tab hides the prediction
+# score, the one number this loop is about; listing what to hide shows every other column.
+HIDDEN_COLUMNS = [
+    f"tasks:{name}"
+    for name in (
+        "inner_id",
+        "annotations_results",
+        "annotations_ids",
+        "predictions_results",
+        "predictions_model_versions",
+        "file_upload",
+        "storage_filename",
+        "created_at",
+        "updated_at",
+        "updated_by",
+        "avg_lead_time",
+        "draft_exists",
+        "comment_count",
+        "unresolved_comment_count",
+        "last_comment_updated_at",
+        "comment_authors",
+    )
+]
+
+
 def ensure_priority_view(api: LabelStudioAPI, project_id: int) -> None:
-    """A Data Manager tab sorted by priority (numerically: task data is compared as text otherwise)."""
+    """A Data Manager tab sorted by priority (numerically: task data is compared as text otherwise),
+    showing the prediction score."""
     views = api.request("GET", "/api/dm/views", params={"project": project_id}).json()
     if any((v.get("data") or {}).get("title") == PRIORITY_VIEW for v in views):
         return
@@ -112,6 +138,7 @@ def ensure_priority_view(api: LabelStudioAPI, project_id: int) -> None:
         "target": "tasks",
         "ordering": [column],
         "columnsDisplayType": {column: "Number"},
+        "hiddenColumns": {"explore": HIDDEN_COLUMNS, "labeling": HIDDEN_COLUMNS},
         "filters": {"conjunction": "and", "items": []},
     }
     api.request("POST", "/api/dm/views", json={"project": project_id, "data": data})

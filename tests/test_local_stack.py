@@ -251,7 +251,7 @@ def test_demo_smoke(label_studio: LabelStudioServer, redis_url: str, repo_root: 
     assert result.returncode == 0, out
     assert "2 annotations submitted" in out and "succeeded: emloop-v1-" in out, out
     assert "3/3 tasks have predictions" in out and f"http://127.0.0.1:{ls_port}/projects/" in out, out
-    assert "project model version set to emloop-v1-" in out, out
+    assert "queue ranked by emloop-v1-" in out and "+entropy@" in out, out  # the closed loop
     for port in (ls_port, ml_port):  # everything it started is gone
         assert not port_in_use(port), out
 

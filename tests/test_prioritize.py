@@ -151,6 +151,8 @@ def test_entropy_order_is_served_and_a_rerun_reprioritises(
     views = p.api("GET", "/api/dm/views", params={"project": p.id}).json()
     (view,) = [v for v in views if v["data"].get("title") == PRIORITY_VIEW]
     assert view["data"]["ordering"] == ["tasks:data.priority"]
+    hidden = view["data"]["hiddenColumns"]["explore"]
+    assert "tasks:predictions_score" not in hidden and "tasks:predictions_results" in hidden
 
     # Predictions requested from the connected backend later do not disturb the order.
     label_studio.retrieve_predictions(p.id)
