@@ -37,6 +37,8 @@ def refresh_queue(
     if not tasks.pool:
         return {"priority_version": None, "ranked": 0, "note": "no unlabelled tasks"}
     version, net = CheckpointStore.for_project(settings.model_dir, project, target).load_newest_intact()
+    if version.number == 0:
+        return {"priority_version": None, "ranked": 0, "note": "no trained version yet"}
     ranking, _ = rank_tasks(
         net,
         version,

@@ -149,6 +149,20 @@ def reorder_queue(project: str, settings: Settings, state: ProjectTraining) -> d
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def rank_new_tasks(project: str, settings: Settings, state: ProjectTraining) -> dict:
+    """Tasks were imported and nothing new to train on: rank the queue again with the current
+    version, so they are served in order and pre-annotated before the next training run."""
+    order = reorder_queue(project, settings, state)
+    state.set_status(
+        state="ranked",
+        progress=None,
+        finished_at=time.time(),
+        ranking=order,
+        message="new tasks: the queue was ranked again with the current version (no training)",
+    )
+    return {"ranked": order}
+
+
 def run_training(project: str, queue: str) -> dict:
     """RQ entry point: wait for the quiet period, take the project's lock, train once."""
     settings = Settings.from_env()
@@ -158,7 +172,10 @@ def run_training(project: str, queue: str) -> dict:
     state.wait_quiet(settings.train_debounce)
     with state.lock(job.id, settings.train_lock_ttl):
         generation, trained, forced = state.take_snapshot()
+        new_tasks = state.take_new_tasks()  # a training run ranks them too
         if generation <= trained and not forced:
+            if new_tasks:
+                return rank_new_tasks(project, settings, state)
             state.set_status(state="skipped", message="no new annotations since the last run")
             return {"skipped": True}
         retry_of = (job.meta or {}).get("retry_of", "")

@@ -33,15 +33,21 @@ from .config import Settings
 from .jobs import job_pending
 from .preannotation import Progress
 
-#: Label Studio webhook actions that (re)train a project's model.
-TRAINING_EVENTS = frozenset(
-    {
-        "ANNOTATION_CREATED",
-        "ANNOTATION_UPDATED",
-        "ANNOTATIONS_CREATED",
-        "ANNOTATIONS_DELETED",
-        "START_TRAINING",
-    }
+#: New tasks: re-ranked with the current version (no training), so they are served in order
+#: and pre-annotated by the newest model before the next training run.
+RANK_EVENTS = frozenset({"TASKS_CREATED"})
+#: Label Studio webhook actions the worker acts on: these (re)train the model, and RANK_EVENTS.
+TRAINING_EVENTS = (
+    frozenset(
+        {
+            "ANNOTATION_CREATED",
+            "ANNOTATION_UPDATED",
+            "ANNOTATIONS_CREATED",
+            "ANNOTATIONS_DELETED",
+            "START_TRAINING",
+        }
+    )
+    | RANK_EVENTS
 )
 FORCE_EVENTS = frozenset({"START_TRAINING"})
 #: Label Studio's *Settings → Model → Start model training on annotation submission* (0 = off).
@@ -135,30 +141,37 @@ class ProjectTraining:
         """Count the event and enqueue a job unless one is already waiting; `project` is the
         webhook's project object, whose toggle decides whether annotations train."""
         now = time.time()
-        train, forced, why = training_decision(
-            action, project, bool(self.redis.exists(self.key("toggle_managed")))
-        )
-        if not train:
-            self.set_status(last_event=action, last_event_at=now, message=f"{action} not trained on: {why}")
-            return {"queued": False, "ignored": why}
         pipe = self.redis.pipeline()
-        pipe.incr(self.key("generation"))
+        if action in RANK_EVENTS:
+            if settings.queue_strategy == "off":
+                return {"queued": False, "ignored": "QUEUE_STRATEGY is off"}
+            pipe.set(self.key("new_tasks"), 1)
+        else:
+            train, forced, why = training_decision(action, project, self.toggle_managed())
+            if not train:
+                message = f"{action} not trained on: {why}"
+                self.set_status(last_event=action, last_event_at=now, message=message)
+                return {"queued": False, "ignored": why}
+            pipe.incr(self.key("generation"))
+            if forced:
+                pipe.set(self.key("force"), 1)
         pipe.set(self.key("last_event"), now)
-        if forced:
-            pipe.set(self.key("force"), 1)
-        generation = pipe.execute()[0]
+        written = pipe.execute()
+        generation = None if action in RANK_EVENTS else written[0]
         # Expires so that a lost job cannot block training for long, even unnoticed.
         ttl = int(settings.train_debounce + settings.train_job_timeout)
         job_id = uuid.uuid4().hex
         enqueue = bool(self.redis.set(self.key("scheduled"), job_id, nx=True, ex=ttl))
         if not enqueue and not job_pending(self.redis, self.redis.get(self.key("scheduled"))):
             enqueue = bool(self.redis.set(self.key("scheduled"), job_id, ex=ttl))
-        state = {"last_event": action, "last_event_at": now, "generation": generation}
+        state: dict = {"last_event": action, "last_event_at": now}
+        if generation is not None:
+            state["generation"] = generation
         if enqueue:
             self._enqueue(job_id, settings)
             state.update(state="queued", job_id=job_id)
         self.set_status(**state)
-        return {"queued": bool(enqueue), "generation": generation}
+        return {"queued": bool(enqueue), **({"generation": generation} if generation is not None else {})}
 
     def _enqueue(self, job_id: str, settings: Settings, retry_of: str = "") -> None:
         from .train_job import run_training  # the job function RQ imports by name
@@ -252,6 +265,10 @@ class ProjectTraining:
         pipe.getdel(self.key("force"))
         _, generation, trained, forced = pipe.execute()
         return int(generation or 0), int(trained or 0), bool(forced)
+
+    def take_new_tasks(self) -> bool:
+        """Claim the "tasks were imported" flag: whether the queue needs ranking without training."""
+        return bool(self.redis.getdel(self.key("new_tasks")))
 
     def mark_trained(self, generation: int) -> None:
         self.redis.set(self.key("trained_generation"), generation)

@@ -152,7 +152,8 @@ def test_training_reorders_the_queue_by_itself(
         "training and ranking to settle",
         lambda: (s := loop.status())["state"] in ("succeeded", "skipped") and s,
     )
-    newest = loop.versions()[-1]["name"]
+    versions_before = loop.versions()
+    newest = versions_before[-1]["name"]
     queue = wait_for("the newest run's ranking", lambda: loop.status()["last_result"]["queue"], timeout=60)
     project = loop.client.projects.get(id=loop.project.id)
     assert queue["priority_version"].startswith(f"{newest}+entropy@"), (status, queue)
@@ -177,6 +178,23 @@ def test_training_reorders_the_queue_by_itself(
         timeout=30,
     ).json()
     assert served["id"] == ranking["ranking"][0]["task"]
+
+    # Tasks imported later are ranked (and pre-annotated) by the current version, no training.
+    new_ids = label_studio.upload_files(
+        loop.project.id, [p for p, _ in write_images(tmp_path / "new", [(192, 192)] * 2, seed=7)]
+    )
+    status = wait_for(
+        "the new tasks' ranking", lambda: (s := loop.status())["state"] == "ranked" and s, timeout=120
+    )
+    assert status["ranking"]["ranked"] == 9 and len(loop.versions()) == len(versions_before), status
+    assert loop.client.projects.get(id=loop.project.id).model_version == status["ranking"]["priority_version"]
+    for task_id in new_ids:
+        current = [
+            p
+            for p in loop.client.predictions.list(task=task_id)
+            if p.model_version == status["ranking"]["priority_version"]
+        ]
+        assert len(current) == 1 and current[0].result, task_id
 
 
 def test_label_studios_training_toggle_is_turned_on_and_honoured(

@@ -200,6 +200,18 @@ def test_annotations_do_not_train_once_the_user_turned_training_off(
     assert redis_get(state, "generation") == b"2" and redis_get(state, "force") == b"1"
 
 
+def test_new_tasks_schedule_a_ranking_without_training(
+    state: ProjectTraining, settings: Settings, redis: Redis
+) -> None:
+    answer = state.record_event("TASKS_CREATED", settings, {"id": 1})
+    assert answer["queued"] and "generation" not in answer
+    assert redis_get(state, "generation") is None and len(queued_jobs(settings, redis)) == 1
+    assert state.take_snapshot() == (0, 0, False)  # nothing to train on...
+    assert state.take_new_tasks() and not state.take_new_tasks()  # ...but new tasks, claimed once
+    off = Settings(redis_url=REDIS_URL, queue_name=settings.queue_name, queue_strategy="off")
+    assert state.record_event("TASKS_CREATED", off)["queued"] is False
+
+
 # -- job side: quiet period ----------------------------------------------------------------------
 
 
