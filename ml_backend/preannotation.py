@@ -75,7 +75,8 @@ class Progress:
         return any(state in RUNNING for state in self.job_states())
 
     def begin(self, version: str, new_tasks: int, already: int, jobs: Sequence[str]) -> None:
-        """Start a run, or add to the one in progress when it has the same version."""
+        """Start a run, or add to the one in progress when it has the same version (a run for a
+        newer version replaces the one shown; its older jobs still finish, uncounted)."""
         current = self.redis.hget(self.key("status"), "version")
         if current is None or current.decode() != version or not self.active():
             self.redis.delete(self.key("status"), self.key("jobs"), self.key("failures"))
@@ -90,7 +91,11 @@ class Progress:
         pipe.hset(self.key("status"), "updated_at", time.time())
         pipe.execute()
 
-    def count(self, *, predicted: int = 0, skipped: int = 0, failures: dict[int, str] | None = None) -> None:
+    def count(
+        self, version: str, *, predicted: int = 0, skipped: int = 0, failures: dict[int, str] | None = None
+    ) -> None:
+        if self.redis.hget(self.key("status"), "version") != version.encode():
+            return  # a run for another version is shown now
         pipe = self.redis.pipeline()
         pipe.hincrby(self.key("status"), "predicted", predicted)
         pipe.hincrby(self.key("status"), "skipped", skipped)
@@ -241,7 +246,7 @@ def preannotate_chunk(project: str, version: str, tasks: list[list]) -> dict:
         predictions.append({"task": task_id, **build_prediction(output.probs, target, version)})
     if predictions:
         api.request("POST", f"/api/projects/{int(project)}/import/predictions", json=predictions)
-    progress.count(predicted=len(predictions), skipped=skipped, failures=failures)
+    progress.count(version, predicted=len(predictions), skipped=skipped, failures=failures)
     for task_id, why in failures.items():
         log.warning("project %s task %s not pre-annotated: %s", project, task_id, why)
     return {"predicted": len(predictions), "skipped": skipped, "failed": failures}

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from redis import Redis
@@ -18,6 +19,8 @@ from rq import Queue
 from rq.job import JobStatus
 
 from ml_backend.config import Settings
+from ml_backend.preannotation import Progress
+from ml_backend.preannotation import enqueue as enqueue_preannotation
 from ml_backend.training_queue import (
     ProjectTraining,
     all_statuses,
@@ -210,6 +213,35 @@ def test_new_tasks_schedule_a_ranking_without_training(
     assert state.take_new_tasks() and not state.take_new_tasks()  # ...but new tasks, claimed once
     off = Settings(redis_url=REDIS_URL, queue_name=settings.queue_name, queue_strategy="off")
     assert state.record_event("TASKS_CREATED", off)["queued"] is False
+
+
+def test_preannotation_chunks_are_queued_once(settings: Settings, redis: Redis) -> None:
+    chunked = replace(settings, preannotate_chunk=50)
+    tasks = [(i, f"http://images.example/{i}.png") for i in range(105, 0, -1)]
+    ids = enqueue_preannotation(redis, chunked, "p1", "emloop-v1-abc", tasks, already=7)
+    assert len(ids) == 3 and len(queued_jobs(settings, redis)) == 3
+    first_chunk = queued_jobs(settings, redis)[0].args[2]
+    assert [t for t, _ in first_chunk] == list(range(1, 51))  # chunks of the sorted ids
+    # Queued again (a re-run while the jobs wait): the same jobs, nothing added, nothing counted twice.
+    assert enqueue_preannotation(redis, chunked, "p1", "emloop-v1-abc", tasks) == ids
+    assert len(queued_jobs(settings, redis)) == 3
+    progress = Progress(redis, "p1", settings.queue_name).read()
+    assert (progress["total"], progress["already"], progress["state"]) == (105, 7, "running")
+    assert progress["jobs"] == {"queued": 3}
+    # A newer version's run is the one shown; the older run's jobs are no longer counted.
+    state = Progress(redis, "p1", settings.queue_name)
+    enqueue_preannotation(redis, chunked, "p1", "emloop-v2-abc", tasks[:10])
+    state.count("emloop-v1-abc", predicted=50)
+    state.count("emloop-v2-abc", predicted=3, failures={5: "HTTP 404"})
+    progress = state.read()
+    assert (progress["version"], progress["total"], progress["predicted"], progress["failed"]) == (
+        "emloop-v2-abc",
+        10,
+        3,
+        1,
+    )
+    assert progress["failures"] == {"5": "HTTP 404"} and progress["jobs"] == {"queued": 1}
+    redis.delete(*redis.scan_iter(match=f"emloop:{settings.queue_name}:preannotate:*"))
 
 
 # -- job side: quiet period ----------------------------------------------------------------------
