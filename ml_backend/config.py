@@ -30,6 +30,17 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
 
 
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name} must be true or false (1/0, yes/no, on/off), got {raw!r}")
+
+
 def _roots() -> tuple[Path, ...]:
     """LOCAL_FILES_ROOTS (os.pathsep-separated) plus Label Studio's local-files document root."""
     raw = os.environ.get("LOCAL_FILES_ROOTS", "").split(os.pathsep)
@@ -77,6 +88,7 @@ class Settings:
     train_batch_size: int = 16
     train_holdout: float = 0.15
     queue_strategy: str = "entropy"
+    queue_clusters: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -114,4 +126,5 @@ class Settings:
             train_batch_size=_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
             train_holdout=_float("TRAIN_HOLDOUT_FRACTION", cls.train_holdout),
             queue_strategy=os.environ.get("QUEUE_STRATEGY", cls.queue_strategy).strip() or cls.queue_strategy,
+            queue_clusters=_bool("QUEUE_CLUSTERS", cls.queue_clusters),
         )

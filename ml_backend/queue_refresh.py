@@ -6,6 +6,11 @@ successful run the worker scores the unlabelled tasks with the new checkpoint, w
 prediction per task (the pre-annotation, with the strategy's rank as its score) under a new
 priority version, switches the project to it and removes the older priority versions: the same
 writing `scripts/prioritize.py` does (`sdk.queue_order`).
+
+With QUEUE_CLUSTERS (the default) each prediction also carries the task's k-means cluster of
+the pool's embeddings: Label Studio then serves the least-solved cluster first, so the tasks
+labelled before the next training run are the best-ranked of different clusters instead of
+near-identical neighbours that all rank high together.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ def refresh_queue(
         tasks.labeled,
         strategy=settings.queue_strategy,
         k=len(tasks.pool),
+        clusters=settings.queue_clusters,
         options=ScoringOptions(tile=settings.tile_size, overlap=settings.tile_overlap),
         device=default_device(),
         progress=False,

@@ -20,8 +20,10 @@ arrays instead (equal image sizes only), ``keep_maps`` keeps the pixel-wise unce
 maps and ``keep_labels`` the argmax masks, for the few images that need them.
 
 :func:`rank_tasks` scores Label Studio tasks, selects with a strategy (a cold-start
-strategy while the model is untrained) and describes the selected tasks (brush masks,
-heat maps); :func:`rank_tasks_job` is the same as an RQ job, so a GPU worker can do it.
+strategy while the model is untrained), describes the selected tasks (brush masks,
+heat maps) and, when asked, numbers them by k-means cluster of the pool's embeddings for
+Label Studio's cluster-aware serving; :func:`rank_tasks_job` is the same as an RQ job, so a
+GPU worker can do it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 from sdk.atomic import atomic_write_bytes
 from sdk.priority import choose_strategy, heatmap_uri, heatmap_vmax
 from sdk.queue_order import TaskRef
-from sdk.strategies import SCORE_STRATEGIES, STRATEGIES, reduce_pixels, select
+from sdk.strategies import SCORE_STRATEGIES, STRATEGIES, cluster_labels, reduce_pixels, select
 from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
 
 from .checkpoints import CheckpointStore, Version
@@ -404,6 +406,7 @@ class RankedTask:
     score: float | None  # the strategy's image score; None for diversity strategies
     result: list[dict] | None = None  # brush regions of the model's prediction
     heatmap: str | None = None  # data URI
+    cluster: int | None = None  # k-means cluster of the pool's embeddings, when asked for
 
 
 @dataclass
@@ -457,6 +460,7 @@ def rank_tasks(
     cold_start: str = "kmeans",
     describe: bool = True,
     heatmaps: bool = False,
+    clusters: bool = False,
     options: ScoringOptions = ScoringOptions(),
     device: torch.device | None = None,
     progress: bool = True,
@@ -467,7 +471,9 @@ def rank_tasks(
     An untrained model (version 0) switches to the cold-start strategy. Labeled tasks
     are embedded only when the strategy covers them (coreset, hybrid). ``describe``
     predicts the picked tasks again for their brush masks (and heat maps), so the pool
-    pass keeps nothing per pixel.
+    pass keeps nothing per pixel. ``clusters`` gives each ranked task its k-means cluster
+    over the whole scored pool (:func:`sdk.strategies.cluster_labels`): the pool pass
+    already yields every image's embedding, so this costs one k-means, no network pass.
     """
     used, note = choose_strategy(strategy, version.name, version.number > 0, cold_start)
     opts = {"uncertainty": options.uncertainty} if used in ("ceal", "hybrid") else {}
@@ -516,8 +522,13 @@ def rank_tasks(
     picks = scores.select(
         used, min(k, len(scores)), labeled_embeddings=labeled_embeddings, seed=options.seed, **opts
     )
+    labels = cluster_labels(scores.embeddings, seed=options.seed) if clusters else None
     ranked = [
-        RankedTask(task=kept[i], score=None if scores.scores is None else float(scores.scores[i]))
+        RankedTask(
+            task=kept[i],
+            score=None if scores.scores is None else float(scores.scores[i]),
+            cluster=None if labels is None else int(labels[i]),
+        )
         for i in picks
     ]
     map_kind = None
@@ -580,6 +591,7 @@ def rank_tasks_job(
     cold_start: str = "kmeans",
     describe: bool = True,
     heatmaps: bool = False,
+    clusters: bool = False,
     options: dict | None = None,
 ) -> dict:
     """RQ entry point (``python -m ml_backend.worker``): :func:`rank_tasks` with the project's newest
@@ -617,6 +629,7 @@ def rank_tasks_job(
         cold_start=cold_start,
         describe=describe,
         heatmaps=heatmaps,
+        clusters=clusters,
         options=ScoringOptions(**(options or {})),
         progress=False,
         on_progress=report,

@@ -9,6 +9,14 @@ round's weights (early stopping on a fixed validation set, within a step budget)
 evaluates IoU on the whole test half. A model trained on the whole pool gives the
 full-supervision reference.
 
+A strategy named ``<score strategy>+clusters`` (e.g. ``entropy+clusters``) ranks the whole
+unlabelled pool, clusters it (:func:`sdk.strategies.cluster_labels`) and takes the batch in
+the order Label Studio serves such a ranking between two training runs
+(:func:`sdk.priority.serving_order`): the closed loop's queue, annotated ``batch`` tasks deep.
+Every row of a strategy that scores the pool records its batch's diversity: distinct clusters,
+mean pairwise embedding distance, and the fraction of picks overlapping another pick within one
+section.
+
 Everything a chain needs to continue (weights, labelled patches, last result) is saved
 after each round, and results are appended to ``results.jsonl``, so an interrupted
 run resumes where it stopped.
@@ -29,7 +37,15 @@ import torch
 
 from sdk.atomic import atomic_write_bytes
 from sdk.labelled_volume import Data, load_labelled_volume
-from sdk.strategies import ceal_threshold, check_strategy, select, select_ceal
+from sdk.priority import serving_order
+from sdk.strategies import (
+    SCORE_STRATEGIES,
+    ceal_threshold,
+    check_strategy,
+    cluster_labels,
+    select,
+    select_ceal,
+)
 from sdk.tiling import parse_classes, patch_grid, read_patch
 
 from .network import UNet, UNetConfig, build_unet
@@ -38,7 +54,20 @@ from .training import TrainConfig, evaluate, fine_tune
 
 RESULTS = "results.jsonl"
 FULL = "full"  # the strategy name of the full-supervision reference rows
+CLUSTERS = "+clusters"  # strategy suffix: the batch Label Studio serves from a clustered ranking
 Row = dict
+
+
+def parse_strategy(name: str) -> tuple[str, bool]:
+    """(base strategy, served by clusters) of a simulation strategy name."""
+    base = name.removesuffix(CLUSTERS)
+    check_strategy(base)
+    if base != name and base not in SCORE_STRATEGIES:
+        raise ValueError(
+            f"{name!r}: {CLUSTERS} needs a ranking by score ({', '.join(SCORE_STRATEGIES)}); "
+            "diversity strategies spread their picks themselves"
+        )
+    return base, base != name
 
 
 @dataclass(frozen=True)
@@ -135,6 +164,7 @@ class Pool:
 
     images: np.ndarray  # (n, p, p), the raw dtype
     masks: np.ndarray  # (n, p, p) uint8 class ids
+    positions: np.ndarray  # (n, 3) section, y, x of each patch's corner
     val_images: list[np.ndarray]
     val_masks: list[np.ndarray]
 
@@ -149,8 +179,30 @@ def make_pool(data: Data, config: SimConfig, seed: int) -> Pool:
     patches = [grid[i] for i in order]
     images = np.stack([read_patch(data.train_raw, p) for p in patches])
     masks = np.stack([read_patch(data.train_mask, p) for p in patches])
+    positions = np.array([(p.slice_index, p.y, p.x) for p in patches], dtype=np.int64)
     v = config.val_patches
-    return Pool(images[v:], masks[v:], list(images[:v]), list(masks[:v]))
+    return Pool(images[v:], masks[v:], positions[v:], list(images[:v]), list(masks[:v]))
+
+
+def near_fraction(positions: np.ndarray, patch: int) -> float:
+    """Fraction of patches overlapping another one in the same or an adjacent section: the
+    near-duplicates a batch should not spend labels on."""
+    d = np.abs(positions[:, None, :] - positions[None, :, :])
+    near = (d[..., 0] <= 1) & (d[..., 1] < patch) & (d[..., 2] < patch)
+    np.fill_diagonal(near, False)
+    return float(near.any(axis=1).mean()) if len(positions) else 0.0
+
+
+def batch_diversity(embeddings: np.ndarray, clusters: np.ndarray, picked: np.ndarray) -> dict:
+    """Distinct clusters among the picks (of the pool's), and their mean pairwise embedding distance."""
+    x = embeddings[picked].astype(np.float64)
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=-1))
+    pairs = len(picked) * (len(picked) - 1)
+    return {
+        "batch_clusters": len(set(clusters[picked].tolist())),
+        "pool_clusters": int(clusters.max()) + 1,
+        "batch_distance": round(float(d.sum() / pairs), 6) if pairs else 0.0,
+    }
 
 
 def read_results(path: Path) -> list[Row]:
@@ -310,7 +362,7 @@ class Simulation:
         started = time.perf_counter()
         pool, labeled = self.pool(seed), list(state["labeled"])
         net = self._net(state["state_dict"])
-        query, pseudo, pseudo_labels = self._query(strategy, net, pool, labeled, seed, round_)
+        query, pseudo, pseudo_labels, diversity = self._query(strategy, net, pool, labeled, seed, round_)
         labeled += query
         images = [*pool.images[labeled], *pool.images[pseudo]]
         masks = [*pool.masks[labeled], *pseudo_labels]
@@ -321,24 +373,29 @@ class Simulation:
         )  # fmt: skip
         row = self._row(strategy, seed, round_, len(labeled), self._evaluate(net), info, started)
         row["pseudo"] = len(pseudo)
+        row |= diversity
+        row["batch_near"] = round(near_fraction(pool.positions[query], cfg.patch), 6)
         state = {"round": round_, "labeled": labeled, "state_dict": net.state_dict(), "row": row}
         _atomic_save(state, self._state_path(strategy, seed))
         self._append(row)
 
     def _query(
         self, strategy: str, net: UNet, pool: Pool, labeled: list[int], seed: int, round_: int
-    ) -> tuple[list[int], list[int], list[np.ndarray]]:
-        """Pool indices for the oracle, plus CEAL's pseudo-labelled indices and labels."""
+    ) -> tuple[list[int], list[int], list[np.ndarray], dict]:
+        """Pool indices for the oracle, CEAL's pseudo-labelled indices and labels, and the
+        batch's diversity (:func:`batch_diversity`; empty for random, which scores nothing)."""
         cfg = self.config
+        strategy, clustered = parse_strategy(strategy)
         taken = set(labeled)
         rest = np.array([i for i in range(len(pool.images)) if i not in taken], dtype=np.int64)
         k, select_seed = min(cfg.batch, len(rest)), seed * 1000 + round_
         if strategy == "random":
-            return rest[select("random", k, n=len(rest), seed=select_seed)].tolist(), [], []
+            return rest[select("random", k, n=len(rest), seed=select_seed)].tolist(), [], [], {}
         common = {"mc_samples": cfg.mc_samples, "batch_size": 16, "device": self.device, "progress": False}
         scores = score_pool(
             net, pool.images[rest], strategy, keep_probs=strategy == "ceal", seed=seed, **common
         )
+        clusters = cluster_labels(scores.embeddings, seed=select_seed)
         if strategy == "ceal":
             threshold = ceal_threshold(cfg.ceal_delta0, cfg.ceal_decay, round_ - 1)
             sel = select_ceal(
@@ -349,12 +406,16 @@ class Simulation:
                 max_pseudo=cfg.ceal_max_pseudo,
             )
             labels = [lab.astype(np.uint8) for lab in sel.pseudo_labels]
-            return rest[sel.query].tolist(), rest[sel.pseudo].tolist(), labels
+            diversity = batch_diversity(scores.embeddings, clusters, sel.query)
+            return rest[sel.query].tolist(), rest[sel.pseudo].tolist(), labels, diversity
         labeled_emb = None
         if strategy in ("coreset", "hybrid"):
             labeled_emb = score_pool(net, pool.images[labeled], None, **common).embeddings
-        picked = scores.select(strategy, k, labeled_embeddings=labeled_emb, seed=select_seed)
-        return rest[picked].tolist(), [], []
+        ranked = len(rest) if clustered else k  # Label Studio serves from the whole ranked queue
+        picked = scores.select(strategy, ranked, labeled_embeddings=labeled_emb, seed=select_seed)
+        if clustered:
+            picked = picked[serving_order(clusters[picked], k)]
+        return rest[picked].tolist(), [], [], batch_diversity(scores.embeddings, clusters, picked)
 
     def _row(
         self, strategy: str, seed: int, round_: int, n_labeled: int, scores: dict, info: dict, started: float
@@ -376,19 +437,21 @@ class Simulation:
         strategies: Iterable[str],
         seeds: Iterable[int],
         *,
+        full: bool = True,
         on_step: Callable[[str, int, int], None] | None = None,
     ) -> None:
-        """All chains round by round (every strategy and seed advance together), then the references."""
+        """All chains round by round (every strategy and seed advance together), then (with
+        `full`) the full-supervision references."""
         strategies, seeds = list(strategies), list(seeds)
         for strategy in strategies:
-            check_strategy(strategy)
+            parse_strategy(strategy)
         for round_ in range(self.config.rounds + 1):
             for seed in seeds:
                 for strategy in strategies:
                     self.step(strategy, seed, round_)
                     if on_step:
                         on_step(strategy, seed, round_)
-        for seed in seeds:
+        for seed in seeds if full else ():
             self.full(seed)
             if on_step:
                 on_step(FULL, seed, 0)
@@ -401,10 +464,10 @@ class Simulation:
         for round_ in range(self.config.rounds + 1):
             self.step(strategy, seed, round_)
 
-    def work(self, strategies: Sequence[str], seeds: Sequence[int]) -> tuple[int, int]:
+    def work(self, strategies: Sequence[str], seeds: Sequence[int], full: bool = True) -> tuple[int, int]:
         """(finished, total) steps of a run, for the progress bar."""
         keys = [(s, seed, r) for r in range(self.config.rounds + 1) for seed in seeds for s in strategies]
-        keys += [(FULL, seed, 0) for seed in seeds]
+        keys += [(FULL, seed, 0) for seed in seeds if full]
         return sum(k in self.done for k in keys), len(keys)
 
 
@@ -446,19 +509,20 @@ def run_parallel(
     *,
     jobs: int,
     threads: int = 1,
+    full: bool = True,
     on_poll: Callable[[], None] | None = None,
 ) -> None:
     """`Simulation.run` over `jobs` CPU processes: the seeds' initial models, then every chain."""
     import multiprocessing
 
     for strategy in strategies:
-        check_strategy(strategy)
+        parse_strategy(strategy)
     done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(Path(out) / RESULTS)}
     rounds = {FULL: [0]}
     chains = [
         (s, seed)
         for seed in seeds
-        for s in [*strategies, FULL]
+        for s in [*strategies, *([FULL] if full else [])]
         if any((s, seed, r) not in done for r in rounds.get(s, range(config.rounds + 1)))
     ]  # finished chains need neither their state files nor the initial model
     initial = sorted({("initial", seed) for _, seed in chains})

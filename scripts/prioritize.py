@@ -16,6 +16,11 @@ checkpoint in MODEL_DIR, the one the ML backend serves), selects --batch tasks w
 Before the first training round (model version 0) uncertainty is noise: the
 cold-start strategy (--cold-start, default kmeans over embeddings) is used instead.
 
+--clusters also gives each ranked prediction the task's k-means cluster of the pool's
+embeddings: Label Studio then serves the least-solved cluster first and the lowest score
+within it, so near-identical tasks are not served in a row (the closed loop does this by
+default, QUEUE_CLUSTERS). Without it the served order is exactly the ranking.
+
 --heatmaps puts a colour-mapped PNG of the pixel-wise uncertainty (<= 512 px, as a
 data: URI) in data.uncertainty of each ranked task; show it beside the image with
 <Image name="uncertainty" value="$uncertainty"/> in the label config.
@@ -89,6 +94,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--heatmaps",
         action="store_true",
         help=f"attach a PNG heat map of the pixel-wise uncertainty to ranked tasks (data.{HEATMAP_FIELD})",
+    )
+    parser.add_argument(
+        "--clusters",
+        action="store_true",
+        help="cluster the pool (k-means of the embeddings) and let Label Studio serve one task per "
+        "cluster before a second of any",
     )
     parser.add_argument(
         "--via-worker",
@@ -193,6 +204,7 @@ def rank_here(
         cold_start=args.cold_start,
         describe=not args.dry_run,
         heatmaps=args.heatmaps and not args.dry_run,
+        clusters=args.clusters,
         options=scoring_options(args, settings),
         device=device,
         progress=not args.quiet,
@@ -235,6 +247,7 @@ def rank_on_worker(
             "cold_start": args.cold_start,
             "describe": not args.dry_run,
             "heatmaps": args.heatmaps and not args.dry_run,
+            "clusters": args.clusters,
             "options": asdict(scoring_options(args, settings)),
         },
         timeout=args.timeout,
@@ -288,7 +301,13 @@ def report(
     name: str | None,
 ) -> None:
     rows = [
-        {"rank": i + 1, "task": item.task, "score": item.score, "image": urls.get(item.task)}
+        {
+            "rank": i + 1,
+            "task": item.task,
+            "score": item.score,
+            "cluster": item.cluster,
+            "image": urls.get(item.task),
+        }
         for i, item in enumerate(ranking.ranked)
     ]
     if args.json:

@@ -142,10 +142,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--strategies",
         help=f"comma-separated, or 'all' (default: {', '.join(CPU_STRATEGIES)}; all with --full; margin "
-        "only with several classes, as with one it ranks like least_confidence)",
+        "only with several classes, as with one it ranks like least_confidence); a score strategy with "
+        "the suffix +clusters (e.g. entropy+clusters) takes the batch Label Studio serves from its "
+        "ranking split into clusters",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default: 3)")
     parser.add_argument("--full", action="store_true", help="the papers' sizes (for a GPU)")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the full-supervision reference (for comparisons between strategies)",
+    )
     parser.add_argument(
         "--keep-start",
         action="store_true",
@@ -220,7 +227,8 @@ def simulate(args: argparse.Namespace) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     jobs = args.jobs if device.type == "cpu" else 1
     sim = Simulation(args.out, config, data, device=device)
-    done, total = sim.work(strategies, seeds)
+    full = not args.no_reference
+    done, total = sim.work(strategies, seeds, full)
     started = time.time()
     with tqdm(total=total, initial=done, desc="simulation", unit="round", disable=args.quiet) as bar:
 
@@ -229,7 +237,7 @@ def simulate(args: argparse.Namespace) -> str:
                 sim.done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(sim.results)}
             else:
                 bar.set_postfix_str(f"{strategy} seed {seed} round {round_}")
-            bar.update(sim.work(strategies, seeds)[0] - bar.n)
+            bar.update(sim.work(strategies, seeds, full)[0] - bar.n)
 
         if jobs > 1:
             run_parallel(
@@ -240,11 +248,12 @@ def simulate(args: argparse.Namespace) -> str:
                 seeds,
                 jobs=jobs,
                 threads=args.threads,
+                full=full,
                 on_poll=on_step,
             )
             on_step()
         else:
-            sim.run(strategies, seeds, on_step=on_step)
+            sim.run(strategies, seeds, full=full, on_step=on_step)
     record_run(args.out, started, total - done, jobs, args.threads, device)
     return f"{total - done} of {total} rounds run; results in {args.out / RESULTS}"
 

@@ -65,6 +65,32 @@ def rank_scores(n: int) -> list[float]:
     return [(r + 1) / (n + 1) for r in range(n)]
 
 
+def serving_order(clusters: Sequence[int], k: int) -> list[int]:
+    """The first ``k`` positions of a ranking (0 = rank 1) in the order Label Studio serves them
+    to one annotator when each ranked task carries ``clusters[position]``.
+
+    Label Studio 1.23 (``projects/functions/next_task.py``, uncertainty sampling) orders tasks
+    by how many tasks of their cluster the annotator has solved, then by prediction score:
+    each pick is the best-ranked task among the clusters with the fewest picks so far. After
+    a new order is written the count starts again from zero (solved tasks keep no prediction
+    of the new version), so this is the batch served between two training runs.
+    """
+    if not 0 <= k <= len(clusters):
+        raise ValueError(f"k must be within 0..{len(clusters)}, got {k}")
+    queues: dict[int, list[int]] = {}
+    for position, cluster in enumerate(clusters):
+        queues.setdefault(int(cluster), []).append(position)
+    heads = {cluster: 0 for cluster in queues}
+    picks: list[int] = []
+    while len(picks) < k:
+        cluster = min(
+            (c for c in queues if heads[c] < len(queues[c])), key=lambda c: (heads[c], queues[c][heads[c]])
+        )
+        picks.append(queues[cluster][heads[cluster]])
+        heads[cluster] += 1
+    return picks
+
+
 # -- cold start --------------------------------------------------------------------------------
 def choose_strategy(
     requested: str, version: str, trained: bool, cold_start: str = "kmeans"

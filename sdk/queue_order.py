@@ -37,6 +37,7 @@ class RankedItem(Protocol):
     task: int
     result: list[dict] | None  # brush regions of the model's prediction (the pre-annotation)
     heatmap: str | None
+    cluster: int | None  # Label Studio serves the least-solved cluster first, then the lowest score
 
 
 class Order(Protocol):
@@ -170,7 +171,9 @@ def write_order(
     """New priority predictions, switch the project to them, then remove the old order.
 
     Only predictions under priority versions (``<checkpoint>+<strategy>@<time>``) are removed:
-    annotations and other predictions are never touched.
+    annotations and other predictions are never touched. Ranked items with a ``cluster``
+    are posted one by one to ``/api/predictions``: Label Studio 1.23's bulk
+    ``/import/predictions`` keeps only task, result, score and model version.
     """
     project_id = project["id"]
     versions = list(api.request("GET", f"/api/projects/{project_id}/model-versions").json())
@@ -180,10 +183,15 @@ def write_order(
         name = unique_version(priority_version(order.version, order.strategy), versions)
         predictions = [
             {"task": item.task, "result": item.result or [], "score": score, "model_version": name}
+            | ({} if item.cluster is None else {"cluster": item.cluster})
             for item, score in zip(order.ranked, rank_scores(len(order.ranked)), strict=True)
         ]
-        for chunk in _chunks(predictions, 50):
-            api.request("POST", f"/api/projects/{project_id}/import/predictions", json=chunk)
+        if any("cluster" in p for p in predictions):
+            for p in tqdm(predictions, desc="writing predictions", unit="task", disable=not progress):
+                api.request("POST", "/api/predictions", json=p)
+        else:
+            for chunk in _chunks(predictions, 50):
+                api.request("POST", f"/api/projects/{project_id}/import/predictions", json=chunk)
         api.request(
             "PATCH",
             f"/api/projects/{project_id}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,13 +12,23 @@ import torch
 from PIL import Image
 
 from ml_backend.checkpoints import Version
+from ml_backend.config import Settings
 from ml_backend.images import ImageError
 from ml_backend.inference import normalize_image, predict_image
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNetConfig, build_unet
-from ml_backend.scoring import PoolScores, Ranking, ScoringOptions, rank_tasks, score_kind, score_pool
+from ml_backend.scoring import (
+    PoolScores,
+    RankedTask,
+    Ranking,
+    ScoringOptions,
+    rank_tasks,
+    score_kind,
+    score_pool,
+)
 from sdk import priority
-from sdk.strategies import SCORE_STRATEGIES, image_score, score, select
+from sdk.queue_order import write_order
+from sdk.strategies import SCORE_STRATEGIES, cluster_labels, image_score, score, select
 from sdk.synthetic import synthetic_em
 
 from .helpers import BRUSH_CONFIG
@@ -233,7 +244,19 @@ def test_rank_tasks_picks_describes_and_skips_unreadable_images(net):
     lab_emb = emb[:2]
     expected = select("coreset", 2, embeddings=pool_emb, labeled_embeddings=lab_emb)
     assert [r.task for r in covered.ranked] == [102 + int(i) for i in expected]
-    assert all(r.result is None for r in covered.ranked)
+    assert all(r.result is None and r.cluster is None for r in covered.ranked)
+
+    # Clusters come from the pool pass's embeddings: every ranked task carries its pool cluster.
+    clustered, pool_scores = rank_tasks(
+        net2, trained, target, load, pool, strategy="entropy", k=7, describe=False, clusters=True,
+        device=CPU, progress=False,
+    )  # fmt: skip
+    labels = cluster_labels(pool_scores.embeddings, seed=0)
+    assert [r.cluster for r in clustered.ranked] == [
+        int(labels[kept.index(r.task)]) for r in clustered.ranked
+    ]
+    assert len(set(labels.tolist())) == 2  # 7 images: round(sqrt(3.5)) clusters
+    assert Ranking.from_dict(clustered.to_dict()) == clustered
 
 
 # -- sdk.priority helpers ---------------------------------------------------------------------------------
@@ -261,6 +284,62 @@ def test_priority_names_and_scores():
     assert priority.unique_version(name, [name, name + ".2"]) == name + ".3"
     scores = priority.rank_scores(4)
     assert scores == sorted(scores) and min(scores) > 0 and max(scores) < 1
+
+
+def test_serving_order_is_label_studios_least_solved_cluster_first():
+    # Ranks 1-6 in clusters 0,0,0,1,1,2: what Label Studio 1.23.2's /next served one annotator
+    # in a one-off check (each task annotated as served).
+    assert priority.serving_order([0, 0, 0, 1, 1, 2], 6) == [0, 3, 5, 1, 4, 2]
+    assert priority.serving_order([4, 4, 9, 4], 3) == [0, 2, 1]
+    assert priority.serving_order([3] * 5, 5) == [0, 1, 2, 3, 4]  # one cluster: the ranking itself
+    assert priority.serving_order([1, 2], 0) == []
+    with pytest.raises(ValueError, match="k must be"):
+        priority.serving_order([0, 1], 3)
+
+
+class FakeLabelStudio:
+    """Records requests; GETs answer like a project with one older priority version and no views."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, object]] = []
+
+    def request(self, method: str, path: str, **kw) -> SimpleNamespace:
+        self.calls.append((method, path, kw.get("json")))
+        body = [] if path == "/api/dm/views" else {"old+entropy@20250101-000000": 3}
+        return SimpleNamespace(json=lambda: body)
+
+
+@pytest.mark.parametrize("clusters", [None, [1, 0, 1]])
+def test_write_order_posts_predictions_with_their_clusters(clusters):
+    api = FakeLabelStudio()
+    ranked = [
+        RankedTask(task=task, score=0.5, result=[], cluster=None if clusters is None else clusters[i])
+        for i, task in enumerate([12, 10, 11])
+    ]
+    order = Ranking("emloop-v2-abc", True, "entropy", "entropy", "", 3, ranked)
+    tasks = [{"id": t, "data": {"image": f"/{t}.png"}} for t in (10, 11, 12)]
+    written = write_order(api, {"id": 5, "label_config": ""}, order, tasks, say=lambda _: None)
+    posts = [(path, body) for method, path, body in api.calls if method == "POST" and "predictions" in path]
+    if clusters is None:  # one bulk import; Label Studio's bulk import would drop a cluster
+        ((path, predictions),) = posts
+        assert path == "/api/projects/5/import/predictions"
+        assert all("cluster" not in p for p in predictions)
+    else:
+        assert {path for path, _ in posts} == {"/api/predictions"}
+        predictions = [body for _, body in posts]
+        assert [p["cluster"] for p in predictions] == clusters
+    assert [p["task"] for p in predictions] == [12, 10, 11]
+    assert [p["score"] for p in predictions] == priority.rank_scores(3)
+    assert {p["model_version"] for p in predictions} == {written.version}
+    switch = {"model_version": written.version, "sampling": "Uncertainty sampling"}
+    assert ("PATCH", "/api/projects/5", switch) in api.calls
+    assert written.removed_versions == 1
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", True), ("0", False), ("off", False), ("Yes", True)])
+def test_the_closed_loop_clusters_unless_told_not_to(monkeypatch, raw, expected):
+    monkeypatch.setenv("QUEUE_CLUSTERS", raw)
+    assert Settings.from_env().queue_clusters is expected
 
 
 def test_updated_task_data_rules():

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,37 @@ def test_parallel_processes_give_the_serial_results(simulate, tmp_path, one_torc
     before = (parallel / "results.jsonl").read_text()
     assert simulate.main([*TINY, "--out", str(parallel), "--jobs", "2"]) == 0
     assert (parallel / "results.jsonl").read_text() == before and not (parallel / "state").exists()
+
+
+def test_cluster_served_batches_without_the_reference(simulate, tmp_path, one_torch_thread):
+    out = tmp_path / "clusters"
+    args = [
+        *TINY,
+        "--out",
+        str(out),
+        "--strategies",
+        "entropy,entropy+clusters",
+        "--seeds",
+        "1",
+        "--no-reference",
+    ]
+    assert simulate.main(args) == 0
+    results = {(r["strategy"], r["round"]): r for r in rows(out)}
+    assert {s for s, _ in results} == {"entropy", "entropy+clusters"}  # no full-supervision rows
+    for r in (results["entropy", 1], results["entropy+clusters", 1]):
+        assert r["pool_clusters"] == 2  # 8 unlabelled patches: round(sqrt(4)) clusters
+        assert r["batch_distance"] >= 0 and 0 <= r["batch_near"] <= 1
+    # Label Studio serves one task of each cluster before a second of any.
+    assert results["entropy+clusters", 1]["batch_clusters"] == 2
+    assert simulate.main([*args[:-1], "--strategies", "random+clusters"]) == 2
+
+
+def test_near_fraction_counts_overlapping_patches_within_one_section():
+    from ml_backend.simulation import near_fraction
+
+    positions = np.array([[0, 0, 0], [1, 32, 32], [3, 0, 0], [0, 128, 0]])
+    assert near_fraction(positions, 64) == 0.5  # the first two overlap one section apart
+    assert near_fraction(positions[:0], 64) == 0.0
 
 
 def test_default_strategies_and_keep_start_option(simulate):

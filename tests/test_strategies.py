@@ -264,6 +264,37 @@ def test_kmeans_shared_nearest_sample_takes_next_unused():
     assert len(set(got.tolist())) == 3
 
 
+def test_cluster_count_grows_with_the_pool_within_bounds():
+    assert [st.cluster_count(n) for n in (0, 1, 4, 5, 8, 50, 2000)] == [1, 1, 1, 2, 2, 5, 32]
+    assert st.cluster_count(10**6) == st.MAX_CLUSTERS
+    with pytest.raises(ValueError, match=">= 0"):
+        st.cluster_count(-1)
+
+
+def test_cluster_labels_group_near_duplicates_deterministically():
+    # Eight tight blobs of 50 (a pool of 400 gets round(sqrt(200)) = 14 clusters): no cluster
+    # mixes two blobs.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=100.0, size=(8, 6))
+    blob = np.repeat(np.arange(8), 50)
+    pts = centres[blob] + rng.normal(scale=0.5, size=(400, 6))
+    labels = st.cluster_labels(pts, seed=0)
+    assert labels.dtype == np.int64 and labels.shape == (400,)
+    assert set(labels.tolist()) == set(range(14))
+    for cluster in range(14):
+        assert len(set(blob[labels == cluster].tolist())) == 1
+    np.testing.assert_array_equal(labels, st.cluster_labels(pts, seed=0))
+
+
+def test_cluster_labels_tiny_and_duplicate_pools():
+    assert st.cluster_labels(np.zeros((0, 3))).shape == (0,)
+    np.testing.assert_array_equal(st.cluster_labels(np.arange(8.0).reshape(4, 2)), [0, 0, 0, 0])
+    # 18 samples ask for 3 clusters, but only 2 distinct points exist.
+    pts = np.array([[0.0, 0.0]] * 9 + [[5.0, 5.0]] * 9)
+    labels = st.cluster_labels(pts)
+    assert len(set(labels[:9].tolist())) == len(set(labels[9:].tolist())) == 1 and labels[0] != labels[9]
+
+
 def test_random_deterministic_per_seed():
     a = st.select("random", 10, n=1000, seed=1)
     b = st.select("random", 10, embeddings=np.zeros((1000, 2)), seed=1)

@@ -158,12 +158,15 @@ def test_training_reorders_the_queue_by_itself(
     project = loop.client.projects.get(id=loop.project.id)
     assert queue["priority_version"].startswith(f"{newest}+entropy@"), (status, queue)
     assert project.model_version == queue["priority_version"] and queue["ranked"] == 7
+    clusters = set()
     for task_id in loop.task_ids[5:]:
         current = [
             p for p in loop.client.predictions.list(task=task_id) if p.model_version == project.model_version
         ]
         assert len(current) == 1 and current[0].result, task_id
         assert {r["type"] for r in current[0].result} == {"brushlabels"}
+        clusters.add(current[0].cluster)
+    assert clusters == {0, 1}, "QUEUE_CLUSTERS (default on): 7 tasks form round(sqrt(3.5)) = 2 clusters"
 
     # /next serves the task that prioritize.py ranks first for this version.
     env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}

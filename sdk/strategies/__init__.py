@@ -21,6 +21,9 @@ CEAL; use :func:`select_ceal` for the pseudo-labels too); ``hybrid`` (uncertaint
 pre-filter + k-center). Uncertainty scores reduce pixel maps per image with
 ``reduction="sum"`` (the papers), ``"mean"`` or ``"region"``; see :func:`reduce_pixels`.
 
+:func:`cluster_labels` groups a pool by its embeddings (k-means, the number of clusters
+from the pool size: :func:`cluster_count`) for Label Studio's cluster-aware serving.
+
 Cold start: ``kmeans`` and ``coreset`` need only embeddings (from a pretrained or
 self-supervised encoder, no trained segmentation head), and ``random`` needs nothing,
 so these are the strategies usable before the first training round
@@ -39,7 +42,14 @@ import numpy as np
 from ._common import as_array, check_k, top_k
 from .baseline import random_select
 from .ceal import CealSelection, ceal_pseudo_labels, ceal_threshold, select_ceal
-from .diversity import coreset_select, greedy_k_center, kmeans_select
+from .diversity import (
+    MAX_CLUSTERS,
+    cluster_count,
+    cluster_labels,
+    coreset_select,
+    greedy_k_center,
+    kmeans_select,
+)
 from .hybrid import hybrid_select
 from .uncertainty import (
     REDUCTIONS,
@@ -55,12 +65,15 @@ from .uncertainty import (
 
 __all__ = [
     "COLD_START_STRATEGIES",
+    "MAX_CLUSTERS",
     "REDUCTIONS",
     "SCORE_STRATEGIES",
     "STRATEGIES",
     "CealSelection",
     "ceal_pseudo_labels",
     "ceal_threshold",
+    "cluster_count",
+    "cluster_labels",
     "coreset_select",
     "greedy_k_center",
     "hybrid_select",

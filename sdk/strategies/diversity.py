@@ -2,11 +2,15 @@
 
 Neither strategy looks at predictions, so both work before any model is trained
 (cold start): use them with embeddings from a pretrained or self-supervised encoder.
+:func:`cluster_labels` groups a pool for Label Studio's cluster-aware serving instead of
+selecting from it.
 Distances are Euclidean, computed in float64 on mean-centred data via
 ``|x|^2 - 2 x.y + |y|^2`` in chunks, so memory stays O(N·D + CHUNK) — no N×N matrix.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -159,3 +163,37 @@ def kmeans_select(
             picks[j] = i
             taken[i] = True
     return picks
+
+
+MAX_CLUSTERS = 64
+
+
+def cluster_count(n: int) -> int:
+    """Clusters for a pool of ``n``: ``round(sqrt(n / 2))`` (Mardia's rule of thumb), within
+    1..MAX_CLUSTERS.
+
+    Grows with the pool but not with any data set's size. Label Studio serves one task of
+    every cluster before a second of any, so once clusters outnumber the tasks labelled
+    between two training runs each of those comes from its own cluster; the cap bounds
+    k-means' cost on large pools. Pools of up to 4 get one cluster (nothing to group).
+    """
+    if n < 0:
+        raise ValueError(f"pool size must be >= 0, got {n}")
+    return min(MAX_CLUSTERS, max(1, round(math.sqrt(n / 2))))
+
+
+def cluster_labels(embeddings: np.ndarray, *, seed: int | None = 0, n_init: int = 3) -> np.ndarray:
+    """k-means cluster number (int64, 0..k-1) of each pool sample; k = :func:`cluster_count`
+    of the pool, and never more than the pool's distinct embeddings.
+
+    Near-identical samples (adjacent sections of one region) land in one cluster, so a
+    queue served cluster by cluster does not show them in a row. Deterministic for a
+    fixed ``seed``.
+    """
+    x = np.asarray(as_embeddings(embeddings, "embeddings"), dtype=np.float64)
+    n = x.shape[0]
+    k = min(cluster_count(n), len(np.unique(x, axis=0)))
+    if k <= 1:
+        return np.zeros(n, dtype=np.int64)
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+    return km.labels_.astype(np.int64)
