@@ -194,7 +194,7 @@ def queue_project(runtime: Runtime, project: str, *, include_labeled: bool = Fal
     """Queue every task of `project` without a prediction of the version the backend serves."""
     settings = runtime.settings
     api = runtime.images.label_studio
-    info = api.request("GET", f"/api/projects/{int(project)}").json()
+    info = api.project(int(project))
     target = parse_brush_target(info.get("label_config"), settings.max_labels)
     store = CheckpointStore.for_project(settings.model_dir, project, target)
     version = runtime.registry.current(store).version.name
@@ -224,7 +224,7 @@ def preannotate_chunk(project: str, version: str, tasks: list[list]) -> dict:
     progress = Progress(job.connection, project, settings.queue_name)
     fetcher = shared_fetcher(settings)
     api = fetcher.label_studio
-    info = api.request("GET", f"/api/projects/{int(project)}").json()
+    info = api.project(int(project))
     target = parse_brush_target(info.get("label_config"), settings.max_labels)
     store = CheckpointStore.for_project(settings.model_dir, project, target)
     found = [v for v in store.versions() if v.name == version]

@@ -36,7 +36,7 @@ def refresh_queue(
     """Rank every unlabelled task of `project` with its newest version and write the order."""
     fetcher = shared_fetcher(settings)
     api = fetcher.label_studio
-    info = api.request("GET", f"/api/projects/{int(project)}").json()
+    info = api.project(int(project))
     target = parse_brush_target(info.get("label_config"))
     tasks = project_pool(api, int(project), target.value_key)
     if not tasks.pool:

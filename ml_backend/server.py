@@ -16,7 +16,7 @@ from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
-from sdk.labelstudio import LabelStudioError
+from sdk.labelstudio import LabelStudioError, ProjectNotFound
 from sdk.lru import LRU
 
 from .base import MLBackendBase, project_key
@@ -253,6 +253,8 @@ def create_app(
             return jsonify(queue_project(runtime, key, include_labeled=include_labeled))
         except LabelConfigError as exc:
             raise Refused(f"label config: {exc}") from None
+        except ProjectNotFound as exc:
+            raise Refused(str(exc), 404) from None
         except LabelStudioError as exc:
             raise Refused(f"Label Studio: {exc}", 502) from None
 

@@ -26,9 +26,8 @@ def turn_on_once(state: ProjectTraining, api: LabelStudioAPI) -> None:
     try:
         if not state.claim_toggle():
             return
-        path = f"/api/projects/{int(state.project)}"
-        if not api.request("GET", path).json().get(TOGGLE_FIELD):
-            api.request("PATCH", path, json={TOGGLE_FIELD: 1})
+        if not api.project(int(state.project)).get(TOGGLE_FIELD):
+            api.request("PATCH", f"/api/projects/{int(state.project)}", json={TOGGLE_FIELD: 1})
             log.info("project %s: turned on 'Start model training on annotation submission'", state.project)
         # Only now: until the toggle is on, annotations must keep training.
         state.manage_toggle()

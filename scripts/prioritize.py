@@ -148,15 +148,6 @@ def say(message: str) -> None:
 
 
 # -- reading Label Studio ------------------------------------------------------------------------------
-def get_project(api: LabelStudioAPI, project_id: int) -> dict:
-    try:
-        return api.request("GET", f"/api/projects/{project_id}").json()
-    except LabelStudioError as exc:
-        if "HTTP 404" in str(exc):
-            raise Failure(f"project {project_id} not found in Label Studio at {api.url}") from None
-        raise
-
-
 # -- ranking -----------------------------------------------------------------------------------------------
 def scoring_options(args: argparse.Namespace, settings: Settings) -> ScoringOptions:
     from ml_backend.scoring import ScoringOptions
@@ -343,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     if not settings.label_studio_api_key:
         raise UsageError("no API key: set LABEL_STUDIO_API_KEY (Account & Settings -> Access Token)")
     api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
-    project = get_project(api, args.project)
+    project = api.project(args.project)
     try:
         target = parse_brush_target(project.get("label_config"))
     except LabelConfigError as exc:

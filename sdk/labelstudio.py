@@ -25,6 +25,10 @@ class LabelStudioError(RuntimeError):
     """Label Studio refused or failed a request; the message says which and why."""
 
 
+class ProjectNotFound(LabelStudioError):
+    """No such project (or not visible with this API key)."""
+
+
 def label_studio_error_message(exc: BaseException, url: str) -> str | None:
     """One readable line for a label-studio-sdk (HTTP status) or httpx (network) error, else None.
 
@@ -118,6 +122,17 @@ class LabelStudioAPI:
         if resp.status_code >= 400:
             raise LabelStudioError(f"{method} {url}: HTTP {resp.status_code} {resp.text[:300]}")
         return resp
+
+    def project(self, project_id: int) -> dict:
+        """A project's settings: label config, model version, sampling, toggles."""
+        try:
+            return self.request("GET", f"/api/projects/{int(project_id)}").json()
+        except LabelStudioError as exc:
+            if "HTTP 404" in str(exc):
+                raise ProjectNotFound(
+                    f"project {project_id} not found in Label Studio at {self.url}"
+                ) from None
+            raise
 
     def client(self):  # noqa: ANN201 - label_studio_sdk.LabelStudio, imported lazily
         from label_studio_sdk import LabelStudio

@@ -73,6 +73,11 @@ def test_a_whole_project_is_preannotated_by_jobs_once(label_studio, stack, tmp_p
     assert "0 task(s) queued in 0 job(s)" in again.stderr and "300 already had" in again.stderr
     assert predictions_per_task(api, project) == counts
 
+    missing = requests.post(f"{backend.url}/preannotate/987654", timeout=30)
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]
+    usage = run_script("preannotate.py", "--project", str(project), "--poll", "0", env=env)
+    assert usage.returncode == 2 and "--poll must be positive" in usage.stderr
+
 
 def test_retrieve_predictions_on_hundreds_of_tasks_hands_the_rest_to_workers(label_studio, stack, tmp_path):
     backend, _ = stack
