@@ -210,7 +210,14 @@ def test_label_studios_training_toggle_is_turned_on_and_honoured(
     toggle = lambda: api.request("GET", path).json()["min_annotations_to_start_training"]  # noqa: E731
     wait_for("the backend to turn the toggle on", lambda: toggle() == 1, timeout=30)
 
-    api.request("PATCH", path, json={"min_annotations_to_start_training": 0})  # the user turns it off
+    def turn_off() -> bool:
+        """The user turns it off. Right after the backend's change Label Studio was seen (twice in
+        CI) to restore the value it had just written, so the test waits until the change holds."""
+        api.request("PATCH", path, json={"min_annotations_to_start_training": 0})
+        time.sleep(1)
+        return toggle() == 0
+
+    wait_for("the user's change to hold", turn_off, timeout=30, every=1)
     loop.worker()
     loop.annotate(0)
     loop.annotate(1)
