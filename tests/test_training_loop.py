@@ -208,11 +208,12 @@ def test_label_studios_training_toggle_is_turned_on_and_honoured(
     loop = Loop(label_studio, backend_factory, worker_factory, tmp_path, start_net)
     api, path = label_studio.api(), f"/api/projects/{loop.project.id}"
     toggle = lambda: api.request("GET", path).json()["min_annotations_to_start_training"]  # noqa: E731
-    wait_for("the backend to turn the toggle on", lambda: toggle() == 1, timeout=30)
+    turned_on = lambda: "turned on 'Start model training" in loop.backend.log_tail(400)  # noqa: E731
+    wait_for("the backend to turn the toggle on", lambda: turned_on() and toggle() == 1, timeout=30)
 
     def turn_off() -> bool:
-        """The user turns it off. Right after the backend's change Label Studio was seen (twice in
-        CI) to restore the value it had just written, so the test waits until the change holds."""
+        """The user turns it off, after the backend's change (its log says it is done): in CI a
+        user's change made while the backend's was in flight was undone by it."""
         api.request("PATCH", path, json={"min_annotations_to_start_training": 0})
         time.sleep(1)
         return toggle() == 0
