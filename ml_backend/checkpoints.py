@@ -8,7 +8,9 @@ pick; a file whose hash does not match the manifest is skipped on load. Each
 file also embeds its version record, so a lost or corrupt manifest is rebuilt
 from the intact files, and a new version never reuses an existing file name.
 Version 0 is the untrained initial network: it is built from a fixed seed,
-never written, and served until training produces version 1.
+never written, and served until training produces version 1. With a mirror
+(CHECKPOINT_STORE=redis, `checkpoint_mirror`), versions also travel through Redis
+between machines that share no MODEL_DIR.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from sdk.atomic import atomic_write_bytes
 
+from .checkpoint_mirror import RedisMirror, mirror_for
+from .config import Settings
 from .label_config import BrushTarget
 from .network import UNet, UNetConfig, build_unet
 
@@ -107,18 +111,39 @@ def _decode(data: bytes, path: str | os.PathLike[str]) -> tuple[UNet, dict]:
 class CheckpointStore:
     """The versions of one project's model for one label config."""
 
-    def __init__(self, root: Path, target: BrushTarget, network: UNetConfig | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        target: BrushTarget,
+        network: UNetConfig | None = None,
+        mirror: RedisMirror | None = None,
+    ) -> None:
         self.root = Path(root)
         self.target = target
         self.network = network or UNetConfig(n_classes=target.n_classes)
+        self.mirror = mirror
 
     @classmethod
-    def for_project(cls, model_dir: Path, project: str, target: BrushTarget) -> CheckpointStore:
-        return cls(Path(model_dir) / f"project-{project}" / target.signature, target)
+    def for_project(
+        cls, model_dir: Path, project: str, target: BrushTarget, mirror: RedisMirror | None = None
+    ) -> CheckpointStore:
+        return cls(Path(model_dir) / f"project-{project}" / target.signature, target, mirror=mirror)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, project: str, target: BrushTarget) -> CheckpointStore:
+        """The project's store as the backend and the workers configure it (MODEL_DIR, CHECKPOINT_STORE)."""
+        mirror = mirror_for(settings.checkpoint_store, settings.redis_url, settings.queue_name)
+        return cls.for_project(settings.model_dir, project, target, mirror)
+
+    @property
+    def lineage(self) -> str:
+        """``project-<id>/<label signature>``: the same on every machine, whatever its MODEL_DIR."""
+        return f"{self.root.parent.name}/{self.root.name}"
 
     # -- reading ---------------------------------------------------------------
     def manifest_stamp(self) -> tuple[int, int, int]:
         """Changes whenever a version is added (a new file replaces the manifest); cheap per request."""
+        self._pull()
         try:
             st = (self.root / MANIFEST).stat()
         except FileNotFoundError:
@@ -132,6 +157,10 @@ class CheckpointStore:
         falling back to version 0 would serve the untrained network and let the next save
         reuse, and overwrite, a version number.
         """
+        self._pull()
+        return self._local_versions()
+
+    def _local_versions(self) -> list[Version]:
         try:
             return self._read_manifest()
         except (OSError, ValueError, TypeError, KeyError):
@@ -139,6 +168,38 @@ class CheckpointStore:
                 return [self._initial()]
         with self._locked():
             return self._repair()
+
+    def _pull(self) -> None:
+        """Adopt the versions other machines published (a no-op without a mirror)."""
+        if self.mirror is not None:
+            known = lambda: {v.number for v in self._local_versions()}  # noqa: E731
+            self.mirror.pull(self.lineage, known, self._adopt, self._published_form)
+
+    def _published_form(self) -> Iterator[tuple[int, str, bytes]]:
+        """(number, record, bytes) of each intact local version, to seed a lineage Redis lacks."""
+        for version in self._local_versions()[1:]:
+            try:
+                data = _read(self.root / str(version.file))
+            except CheckpointError as exc:
+                log.error("not published: %s", exc)
+                continue
+            if hashlib.sha256(data).hexdigest() == version.sha256:
+                yield version.number, json.dumps(asdict(version)), data
+
+    def _adopt(self, record: str, data: bytes) -> None:
+        """Write a published version into this MODEL_DIR, as `save` would have, if its bytes
+        are the ones published; a number this machine already holds is left as it is."""
+        version = Version(**json.loads(record))
+        if hashlib.sha256(data).hexdigest() != version.sha256:
+            raise CheckpointError(f"{version.name}: the bytes in Redis do not match its SHA-256")
+        with self._locked():
+            existing = self._repair()
+            if any(v.number == version.number for v in existing):
+                return
+            version = replace(version, file=f"v{version.number}.pt")
+            atomic_write_bytes(self.root / version.file, data)
+            self._write_manifest(sorted([*existing, version], key=lambda v: v.number))
+        log.info("adopted %s from Redis into %s", version.name, self.root)
 
     def _initial(self) -> Version:
         return Version(0, version_name(0, self.target))
@@ -244,9 +305,11 @@ class CheckpointStore:
         replaces an existing file (a stray one from a writer killed before its manifest update).
         """
         state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        self._pull()
         with self._locked():
             existing = self._repair()
-            number = max([existing[-1].number, *self._version_files()]) + 1
+            published = self.mirror.highest(self.lineage) if self.mirror else 0
+            number = max([existing[-1].number, *self._version_files(), published]) + 1
             record = {"created": time.time(), "parent": parent.name if parent else None, "metrics": metrics}
             buffer = io.BytesIO()
             # As JSON text, like the manifest: `weights_only` loading takes any string.
@@ -260,6 +323,8 @@ class CheckpointStore:
                 sha256=hashlib.sha256(data).hexdigest(),
                 **record,
             )
+            if self.mirror is not None:  # first: a version other machines cannot see is not saved
+                self.mirror.publish(self.lineage, number, data, json.dumps(asdict(version)))
             atomic_write_bytes(self.root / version.file, data)
             self._write_manifest([*existing, version])
         return version

@@ -41,6 +41,13 @@ def _bool(name: str, default: bool) -> bool:
     raise ValueError(f"environment variable {name} must be true or false (1/0, yes/no, on/off), got {raw!r}")
 
 
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ValueError(f"environment variable {name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def _roots() -> tuple[Path, ...]:
     """LOCAL_FILES_ROOTS (os.pathsep-separated) plus Label Studio's local-files document root."""
     raw = os.environ.get("LOCAL_FILES_ROOTS", "").split(os.pathsep)
@@ -63,6 +70,7 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    checkpoint_store: str = "disk"  # or "redis": versions travel through REDIS_URL (no shared MODEL_DIR)
     tile_size: int = 1024
     tile_overlap: int = 64
     max_image_bytes: int = 256 * 2**20
@@ -101,6 +109,7 @@ class Settings:
             basic_auth_user=os.environ.get("BASIC_AUTH_USER", ""),
             basic_auth_pass=os.environ.get("BASIC_AUTH_PASS", ""),
             redis_url=os.environ.get("REDIS_URL", cls.redis_url),
+            checkpoint_store=_choice("CHECKPOINT_STORE", cls.checkpoint_store, ("disk", "redis")),
             tile_size=_int("TILE_SIZE", cls.tile_size),
             tile_overlap=_int("TILE_OVERLAP", cls.tile_overlap),
             max_image_bytes=_int("MAX_IMAGE_MB", cls.max_image_bytes // 2**20) * 2**20,

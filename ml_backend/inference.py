@@ -152,6 +152,34 @@ def embed_image(net: UNet, image: np.ndarray, *, tile: int = 1024, overlap: int 
     return (total / float(area)).astype(np.float32)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Inference precision: bfloat16 on CUDA (float16 where bfloat16 is not native), float32
+    elsewhere. On VNC sections the masks agree with float32 on >= 99.9 % of the pixels
+    (tests/test_inference_precision.py); on CPU float32 stays, as reduced precision is not
+    faster there for this network."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def default_tile_batch(device: torch.device) -> int:
+    """Tiles per forward pass: a GPU is kept busy by several at once, a CPU gains nothing."""
+    return 8 if device.type == "cuda" else 1
+
+
+def _batches(
+    tiles: Iterator[tuple[int, int, torch.Tensor, int, int]], size: int
+) -> Iterator[list[tuple[int, int, torch.Tensor, int, int]]]:
+    group: list[tuple[int, int, torch.Tensor, int, int]] = []
+    for tile in tiles:
+        group.append(tile)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 @torch.inference_mode()
 def predict_image(
     net: UNet,
@@ -162,9 +190,18 @@ def predict_image(
     device: torch.device | None = None,
     mc_dropout: bool = False,
     with_embedding: bool = False,
+    precision: torch.dtype | None | str = "auto",
+    tile_batch: int | None = None,
 ) -> ImagePrediction:
-    """Softmax probabilities for one image of any size (and optionally its embedding)."""
+    """Softmax probabilities for one image of any size (and optionally its embedding).
+
+    `precision`: "auto" (`autocast_dtype`), None for float32, or an autocast dtype;
+    `tile_batch`: tiles per forward pass (all tiles of an image have one shape), by default
+    `default_tile_batch`.
+    """
     device = device or next(net.parameters()).device
+    dtype = autocast_dtype(device) if precision == "auto" else precision
+    tile_batch = max(1, tile_batch or default_tile_batch(device))
     pixels = normalize_image(image, net.intensity_window)
     height, width = pixels.shape
     th, tw = min(tile, height), min(tile, width)
@@ -175,25 +212,30 @@ def predict_image(
     window = None if single else blend_window(th, tw, overlap)
     embedding_sum, area_sum, forward_seconds = None, 0, 0.0
     net.set_mc_dropout(mc_dropout)
+    tiles = _tiles(pixels, th, tw, overlap, device, net.config.size_multiple)
     try:
-        for y, x, batch, h, w in _tiles(pixels, th, tw, overlap, device, net.config.size_multiple):
+        for group in _batches(tiles, tile_batch):
+            batch = torch.cat([t[2] for t in group]).contiguous(memory_format=torch.channels_last)
             started = time.perf_counter()
-            if with_embedding:
-                logits, emb = net(batch, return_embedding=True)
-                emb = emb[0].float().cpu().numpy()
-                embedding_sum = emb * (h * w) + (0 if embedding_sum is None else embedding_sum)
-                area_sum += h * w
-            else:
-                logits = net(batch)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                if with_embedding:
+                    logits, embs = net(batch, return_embedding=True)
+                else:
+                    logits, embs = net(batch), None
             if logits.is_cuda:
                 torch.cuda.synchronize()
             forward_seconds += time.perf_counter() - started
-            probs = torch.softmax(logits[0, :, :h, :w].float(), dim=0).cpu().numpy()
-            if single:
-                acc = probs
-            else:
-                acc[:, y : y + h, x : x + w] += probs * window
-                weight_sum[y : y + h, x : x + w] += window
+            for i, (y, x, _, h, w) in enumerate(group):
+                if embs is not None:
+                    emb = embs[i].float().cpu().numpy()
+                    embedding_sum = emb * (h * w) + (0 if embedding_sum is None else embedding_sum)
+                    area_sum += h * w
+                probs = torch.softmax(logits[i, :, :h, :w].float(), dim=0).cpu().numpy()
+                if single:
+                    acc = probs
+                else:
+                    acc[:, y : y + h, x : x + w] += probs * window
+                    weight_sum[y : y + h, x : x + w] += window
     finally:
         net.set_mc_dropout(False)
     if not single:

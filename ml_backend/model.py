@@ -26,9 +26,7 @@ class EMSegmentationModel(MLBackendBase):
 
     def setup(self) -> None:
         self.target = parse_brush_target(self.label_config, self.runtime.settings.max_labels)
-        self.store = CheckpointStore.for_project(
-            self.runtime.settings.model_dir, self.project_id, self.target
-        )
+        self.store = CheckpointStore.for_settings(self.runtime.settings, self.project_id, self.target)
 
     @property
     def model_version(self) -> str:

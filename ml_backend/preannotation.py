@@ -196,7 +196,7 @@ def queue_project(runtime: Runtime, project: str, *, include_labeled: bool = Fal
     api = runtime.images.label_studio
     info = api.project(int(project))
     target = parse_brush_target(info.get("label_config"), settings.max_labels)
-    store = CheckpointStore.for_project(settings.model_dir, project, target)
+    store = CheckpointStore.for_settings(settings, project, target)
     version = runtime.registry.current(store).version.name
     pending = pending_tasks(api, int(project), target.value_key, version, include_labeled=include_labeled)
     jobs = enqueue(runtime.redis, settings, project, version, pending.tasks, pending.already)
@@ -226,7 +226,7 @@ def preannotate_chunk(project: str, version: str, tasks: list[list]) -> dict:
     api = fetcher.label_studio
     info = api.project(int(project))
     target = parse_brush_target(info.get("label_config"), settings.max_labels)
-    store = CheckpointStore.for_project(settings.model_dir, project, target)
+    store = CheckpointStore.for_settings(settings, project, target)
     found = [v for v in store.versions() if v.name == version]
     if not found:
         raise ValueError(f"project {project} has no checkpoint {version!r} in {store.root}")

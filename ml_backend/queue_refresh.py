@@ -41,7 +41,7 @@ def refresh_queue(
     tasks = project_pool(api, int(project), target.value_key)
     if not tasks.pool:
         return {"priority_version": None, "ranked": 0, "note": "no unlabelled tasks"}
-    version, net = CheckpointStore.for_project(settings.model_dir, project, target).load_newest_intact()
+    version, net = CheckpointStore.for_settings(settings, project, target).load_newest_intact()
     if version.number == 0:
         return {"priority_version": None, "ranked": 0, "note": "no trained version yet"}
     ranking, _ = rank_tasks(

@@ -605,7 +605,7 @@ def rank_tasks_job(
 
     settings = Settings.from_env()
     target = parse_brush_target(label_config)
-    store = CheckpointStore.for_project(settings.model_dir, project, target)
+    store = CheckpointStore.for_settings(settings, project, target)
     version, net = store.load_newest_intact()
     job = get_current_job()
     last = [0.0]

@@ -1,7 +1,7 @@
 """The RQ training job: snapshot a project's annotations, fine-tune, publish a version.
 
 Runs in `python -m ml_backend.worker`, on any machine that reaches Redis,
-Label Studio and the shared MODEL_DIR; uses CUDA when the worker has it.
+Label Studio and MODEL_DIR (shared, or mirrored through Redis); uses CUDA when the worker has it.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
         raise ValueError(f"project {project} has no usable annotated tasks (skipped: {data.skipped})")
     train_idx, hold_idx = holdout_split(data.task_ids, settings.train_holdout)
     pick = lambda idx, items: [items[i] for i in idx]  # noqa: E731
-    store = CheckpointStore.for_project(settings.model_dir, project, data.target)
+    store = CheckpointStore.for_settings(settings, project, data.target)
     parent, net = store.load_newest_intact()
     device = default_device()
     net.to(device)

@@ -27,6 +27,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -338,14 +339,19 @@ def run_block(
     depth = stop - start
     shape = (depth, rows, cols) if plan.kind == "labels" else (plan.n_classes, depth, rows, cols)
     block = np.empty(shape, np.uint8)
-    with open_volume(plan.volume) as volume:
+    with open_volume(plan.volume) as volume, ThreadPoolExecutor(1) as reader:
         if tuple(volume.shape) != tuple(plan.shape):
             raise ValueError(f"{plan.volume} now has shape {volume.shape}, planned for {plan.shape}")
+        # The next slice is read and decompressed while the network works on this one.
+        read = lambda i: np.asarray(volume[plane_index(plan.axis, i)])  # noqa: E731
+        pending = reader.submit(read, start)
         for k, i in enumerate(range(start, stop)):
+            plane = pending.result()
+            if i + 1 < stop:
+                pending = reader.submit(read, i + 1)
             out = segment_plane(
-                net, volume[plane_index(plan.axis, i)], plan.window, plan.kind,
-                tile=plan.tile, overlap=plan.overlap, device=device,
-            )  # fmt: skip
+                net, plane, plan.window, plan.kind, tile=plan.tile, overlap=plan.overlap, device=device
+            )
             if plan.kind == "labels":
                 block[k] = out
             else:

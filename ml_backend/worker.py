@@ -3,7 +3,8 @@
 A `SimpleWorker` (no fork per job): the worker keeps torch, the image cache and
 the decoded-mask cache warm between jobs. Run one per machine (a GPU machine
 trains on CUDA); all of them need the same REDIS_URL, LABEL_STUDIO_URL,
-LABEL_STUDIO_API_KEY and a MODEL_DIR shared with the backend.
+LABEL_STUDIO_API_KEY and a MODEL_DIR shared with the backend, or CHECKPOINT_STORE=redis
+(set on the backend too) and a MODEL_DIR of their own.
 
 After every successful run the worker re-ranks the project's unlabelled tasks with the new
 version and writes the order (and pre-annotations) into Label Studio (QUEUE_STRATEGY; off

@@ -176,7 +176,7 @@ def rank_here(
     from ml_backend.network import default_device
     from ml_backend.scoring import rank_tasks
 
-    store = CheckpointStore.for_project(settings.model_dir, str(project_id), target)
+    store = CheckpointStore.for_settings(settings, str(project_id), target)
     if not store.root.exists():
         say(f"no checkpoints for this project in MODEL_DIR={settings.model_dir}: using the untrained network")
     version, net = store.load_newest_intact()

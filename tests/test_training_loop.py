@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from redis import Redis
 
 from ml_backend.label_config import parse_brush_target
 from ml_backend.predictions import brush_results
@@ -233,6 +234,42 @@ def test_label_studios_training_toggle_is_turned_on_and_honoured(
     api.request("POST", f"/api/ml/{loop.ml.id}/train")  # the Start Training button
     trained = loop.wait_versions(2)[1]["metrics"]
     assert trained["n_train"] + trained["n_holdout"] == 2, (trained, loop.status())
+
+
+def test_a_worker_with_its_own_model_dir_trains_through_redis(
+    label_studio, backend_factory, worker_factory, tmp_path, start_net, redis_url
+):
+    """Issue 15: CHECKPOINT_STORE=redis, and the worker's MODEL_DIR is not the backend's. The
+    backend publishes the v1 it holds, the worker fine-tunes it, and the backend serves the
+    worker's version (the same bytes, adopted into its own MODEL_DIR)."""
+    loop = Loop(
+        label_studio, backend_factory, worker_factory, tmp_path, start_net,
+        CHECKPOINT_STORE="redis", QUEUE_STRATEGY="off",
+    )  # fmt: skip
+    try:
+        (v1,) = loop.versions()
+        assert loop.served_version() == v1["name"]
+        worker_dir = tmp_path / "worker-models"
+        worker_factory(loop.env, label_studio=loop.ls, model_dir=worker_dir)
+        for i in range(3):
+            loop.annotate(i)
+        trained = wait_for(
+            "the worker's version to be served",
+            lambda: (name := loop.served_version()) != v1["name"] and name,
+            timeout=400,
+            every=2,
+        )
+        on_worker = manifest(worker_dir, loop.project.id)
+        assert [v["name"] for v in on_worker] == [v1["name"], trained]
+        assert on_worker[1]["parent"] == v1["name"]
+        assert loop.versions() == on_worker
+        lineage = Path(f"project-{loop.project.id}") / TARGET.signature / on_worker[1]["file"]
+        assert (loop.model_dir / lineage).read_bytes() == (worker_dir / lineage).read_bytes()
+    finally:
+        redis = Redis.from_url(redis_url)
+        keys = list(redis.scan_iter(match=f"emloop:{loop.env['RQ_QUEUE']}:checkpoints:*"))
+        if keys:
+            redis.delete(*keys)
 
 
 def test_annotation_during_training_gets_a_follow_up_run(

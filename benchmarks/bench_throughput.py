@@ -1,0 +1,236 @@
+"""Throughput on this machine's device (CUDA when present): /predict's network time, whole-volume
+segmentation Zarr to Zarr, and training patches per second, side by side in one process.
+
+- predict: `predict_image` on the served network (default U-Net, BatchNorm folded, channels-last)
+  for a 1024² and a 2048² image (4 tiles of 1024²), in two modes run alternately: `fp32, 1 tile`
+  (the path before issue 15, and what a CPU still runs) and `default` (`autocast_dtype` and
+  `default_tile_batch`: bfloat16 and 8 tiles a pass on CUDA). Median of --repeat.
+- volume: a synthetic uint8 Zarr of --volume-slices × --plane² (uncompressed, 1 × 512² chunks)
+  segmented by `scripts/segment_volume.py`'s code (`prepare_output`, `run_block`: the next slice is
+  read while the network works), labels written to Zarr; Mvox/s end to end, I/O included. The
+  device is busy for the network's forward time of the same slices predicted from memory, so
+  busy = that time / the end-to-end time.
+- train: `fine_tune` (the worker's recipe and defaults: 128² crops, batch 16) on 500 synthetic
+  annotated 256² patches for --train-steps steps; patches/s over the steps after the first, and
+  the time the worker's default 1000-step run takes at that rate plus this run's fixed costs.
+
+    .venv/bin/python benchmarks/bench_throughput.py [--volume-slices 32] [--train-steps 40] [--json PATH]
+    # a GPU machine (issue 15's targets): --volume-slices 4096 --train-steps 1000 --repeat 50
+
+--deadline-s stops between phases; whatever finished is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from bench_volume import disk_bytes  # noqa: E402
+
+from ml_backend.inference import autocast_dtype, default_tile_batch, predict_image  # noqa: E402
+from ml_backend.network import UNetConfig, build_unet, default_device, fuse_for_inference  # noqa: E402
+from sdk.synthetic import synthetic_em  # noqa: E402
+
+VNC_SLICE = ROOT.parent / "shared" / "data" / "vnc" / "stack1" / "raw" / "00.tif"
+MODES = {"fp32, 1 tile": {"precision": None, "tile_batch": 1}, "default": {}}
+
+
+def served_network(device: torch.device):
+    net = build_unet(UNetConfig(), seed=0).eval()
+    net.set_intensity_window((0.0, 255.0))
+    return fuse_for_inference(net).to(device).to(memory_format=torch.channels_last)
+
+
+def test_image(size: int) -> np.ndarray:
+    if VNC_SLICE.exists():
+        from PIL import Image
+
+        base = np.asarray(Image.open(VNC_SLICE).convert("L"))
+        return np.tile(base, (-(-size // base.shape[0]), -(-size // base.shape[1])))[:size, :size]
+    return synthetic_em(size, size, seed=0)[0]
+
+
+def bench_predict(net, device: torch.device, repeat: int) -> list[dict]:
+    rows = []
+    for size in (1024, 2048):
+        image = test_image(size)
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for kwargs in MODES.values():  # warm-up (cuDNN autotuning, allocator)
+            predict_image(net, image, tile=1024, overlap=64, **kwargs)
+        for _ in range(repeat):
+            for mode, kwargs in MODES.items():
+                started = time.perf_counter()
+                predict_image(net, image, tile=1024, overlap=64, **kwargs)
+                times[mode].append(time.perf_counter() - started)
+        medians = {mode: statistics.median(t) for mode, t in times.items()}
+        for mode, median in medians.items():
+            rows.append(
+                {"image": f"{size}²", "mode": mode, "median_ms": round(1000 * median, 2),
+                 "ratio_to_fp32_1_tile": round(medians["fp32, 1 tile"] / median, 3)}
+            )  # fmt: skip
+            print(f"predict {size}² {mode}: {1000 * median:.1f} ms", file=sys.stderr)
+    return rows
+
+
+def make_zarr(path: Path, n: int, plane: int) -> None:
+    import zarr
+
+    bases = [synthetic_em(plane, plane, seed=s)[0] for s in range(4)]
+    layout = {"shape": (n, plane, plane), "chunks": (1, 512, 512), "dtype": "uint8", "fill_value": 0}
+    if hasattr(zarr, "create_array"):  # zarr 3
+        arr = zarr.create_array(store=str(path), compressors=None, overwrite=True, **layout)
+    else:
+        arr = zarr.open_array(store=str(path), mode="w", compressor=None, **layout)
+    for z in range(n):
+        arr[z] = np.roll(bases[z % 4], (7 * z, 13 * z), axis=(0, 1))
+
+
+def bench_volume(net, device: torch.device, work: Path, slices: int, plane: int) -> dict:
+    from ml_backend.volume_segmentation import SegmentationPlan, file_sha256, prepare_output, run_block
+
+    volume, out, checkpoint = work / "raw.zarr", work / "labels.zarr", work / "v1.pt"
+    make_zarr(volume, slices, plane)
+    raw = build_unet(UNetConfig(), seed=0)
+    torch.save({"config": raw.config.to_dict(), "state_dict": raw.state_dict()}, checkpoint)
+    plan = SegmentationPlan(
+        volume=str(volume), shape=(slices, plane, plane), axis="z", output=str(out), format="zarr",
+        kind="labels", checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint), n_classes=2,
+        class_names=("background", "foreground"), window=(0.0, 255.0), chunk_slices=8,
+    )  # fmt: skip
+    plan = prepare_output(plan, overwrite=True)
+    started = time.perf_counter()
+    for start, stop in plan.blocks():
+        run_block(plan, start, stop, net=net, device=device)
+    seconds = time.perf_counter() - started
+    # The network's own time on the same slices, from memory.
+    import zarr
+
+    arr = zarr.open_array(store=str(volume), mode="r")
+    forward = 0.0
+    for z in range(slices):
+        pred = predict_image(net, np.asarray(arr[z]), tile=plan.tile, overlap=plan.overlap)
+        forward += pred.forward_seconds
+    voxels = slices * plane * plane
+    row = {
+        "shape": [slices, plane, plane],
+        "disk_gb": round(disk_bytes(volume) / 1e9, 3),
+        "seconds": round(seconds, 2),
+        "mvox_per_s": round(voxels / seconds / 1e6, 2),
+        "forward_seconds": round(forward, 2),
+        "device_busy_fraction": round(forward / seconds, 3),
+    }
+    print(f"volume {row}", file=sys.stderr)
+    shutil.rmtree(volume)
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def bench_train(device: torch.device, steps: int) -> dict:
+    from ml_backend.training import TrainConfig, fine_tune
+
+    images, masks = [], []
+    for seed in range(20):  # 500 patches of 256² cut from 20 synthetic 1280² sections
+        image, mask = synthetic_em(1280, 1280, seed=seed)
+        for y in range(0, 1280, 256):
+            for x in range(0, 1280, 256):
+                images.append(image[y : y + 256, x : x + 256])
+                masks.append(mask[y : y + 256, x : x + 256])
+    config = TrainConfig(steps=steps)  # the worker's defaults otherwise (TRAIN_PATCH_SIZE, TRAIN_BATCH_SIZE)
+    net = build_unet(UNetConfig(), seed=0)
+    stamps: dict[int, float] = {}
+    started = time.perf_counter()
+    summary = fine_tune(
+        net, images, masks, config, device=device, keep_start=False,
+        progress=lambda step, total, loss: stamps.setdefault(step, time.perf_counter()),
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    # Steps after the first (which includes setup); the run's fixed costs (BatchNorm
+    # re-estimation on 512 crops, moving data) are in `seconds`.
+    rate = (steps - 1) * config.batch_size / (stamps[steps] - stamps[1])
+    fixed = seconds - steps * config.batch_size / rate
+    row = {
+        "patches": len(images),
+        "steps": steps,
+        "batch": config.batch_size,
+        "crop": config.patch_size,
+        "seconds": round(seconds, 2),
+        "patches_per_s": round(rate, 1),
+        "seconds_for_1000_steps": round(1000 * config.batch_size / rate + fixed, 1),
+        "bfloat16": summary["bfloat16"],
+    }
+    print(f"train {row}", file=sys.stderr)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--repeat", type=int, default=7, help="predictions per image size and mode")
+    p.add_argument("--volume-slices", type=int, default=32, help="slices of the synthetic Zarr volume")
+    p.add_argument("--plane", type=int, default=1024, help="slice edge in pixels")
+    p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument("--deadline-s", type=float, default=0, help="stop between phases after this; 0 = none")
+    p.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir, removed afterwards)")
+    p.add_argument("--json", type=Path, help="[benchmarks/results/throughput-<device>.json]")
+    args = p.parse_args(argv)
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    out = args.json or ROOT / "benchmarks" / "results" / f"throughput-{device.type}.json"
+    began = time.monotonic()
+    late = lambda: args.deadline_s and time.monotonic() - began > args.deadline_s  # noqa: E731
+    cpu = platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    result: dict = {
+        "meta": {
+            "device": str(device),
+            "device_name": name,
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "autocast": str(autocast_dtype(device)),
+            "tile_batch": default_tile_batch(device),
+            "network": UNetConfig().to_dict(),
+        }  # fmt: skip
+    }
+
+    def save() -> None:
+        result["meta"]["seconds"] = round(time.monotonic() - began, 1)
+        result["meta"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    net = served_network(device)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="emloop-bench-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result["predict"] = bench_predict(net, device, args.repeat)
+        save()
+        if not late():
+            result["volume"] = bench_volume(net, device, work, args.volume_slices, args.plane)
+            save()
+        if not late():
+            result["train"] = bench_train(device, args.train_steps)
+            save()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
