@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from bench_volume import disk_bytes  # noqa: E402
+from bench_volume import disk_bytes, make_volume  # noqa: E402
 
 from ml_backend.inference import autocast_dtype, default_tile_batch, predict_image  # noqa: E402
 from ml_backend.network import UNetConfig, build_unet, default_device, fuse_for_inference  # noqa: E402
@@ -87,24 +87,11 @@ def bench_predict(net, device: torch.device, repeat: int) -> list[dict]:
     return rows
 
 
-def make_zarr(path: Path, n: int, plane: int) -> None:
-    import zarr
-
-    bases = [synthetic_em(plane, plane, seed=s)[0] for s in range(4)]
-    layout = {"shape": (n, plane, plane), "chunks": (1, 512, 512), "dtype": "uint8", "fill_value": 0}
-    if hasattr(zarr, "create_array"):  # zarr 3
-        arr = zarr.create_array(store=str(path), compressors=None, overwrite=True, **layout)
-    else:
-        arr = zarr.open_array(store=str(path), mode="w", compressor=None, **layout)
-    for z in range(n):
-        arr[z] = np.roll(bases[z % 4], (7 * z, 13 * z), axis=(0, 1))
-
-
 def bench_volume(net, device: torch.device, work: Path, slices: int, plane: int) -> dict:
     from ml_backend.volume_segmentation import SegmentationPlan, file_sha256, prepare_output, run_block
 
     volume, out, checkpoint = work / "raw.zarr", work / "labels.zarr", work / "v1.pt"
-    make_zarr(volume, slices, plane)
+    make_volume(volume, slices, plane)
     raw = build_unet(UNetConfig(), seed=0)
     torch.save({"config": raw.config.to_dict(), "state_dict": raw.state_dict()}, checkpoint)
     plan = SegmentationPlan(

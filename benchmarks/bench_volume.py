@@ -70,14 +70,15 @@ def reset_peak() -> None:
 
 
 # -- data ----------------------------------------------------------------------------------------------
-def make_volume(path: Path, n_slices: int) -> None:
-    """uint8 (n, 1024, 1024) Zarr written slice by slice: 8 synthetic sections, shifted per slice."""
+def make_volume(path: Path, n_slices: int, plane: int = PLANE) -> None:
+    """uint8 (n, plane, plane) uncompressed Zarr written slice by slice: 8 synthetic sections,
+    shifted per slice."""
     import zarr
 
     from sdk.synthetic import synthetic_em
 
-    bases = [synthetic_em(PLANE, PLANE, seed=s)[0] for s in range(8)]
-    layout = {"shape": (n_slices, PLANE, PLANE), "chunks": (1, 512, 512), "dtype": "uint8", "fill_value": 0}
+    bases = [synthetic_em(plane, plane, seed=s)[0] for s in range(8)]
+    layout = {"shape": (n_slices, plane, plane), "chunks": (1, 512, 512), "dtype": "uint8", "fill_value": 0}
     if hasattr(zarr, "create_array"):  # zarr 3
         arr = zarr.create_array(store=str(path), compressors=None, overwrite=True, **layout)
     else:

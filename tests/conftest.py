@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from redis import Redis
+from redis.exceptions import RedisError
 
 from sdk.local_stack import (
     DEFAULT_LS_BIN,
@@ -23,6 +25,8 @@ from sdk.local_stack import (
     ensure_redis,
     seed_from_template,
 )
+
+from .helpers import UNIT_REDIS_URL
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -68,6 +72,18 @@ def vnc_dir(repo_root: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"VNC dataset not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Redis]:
+    """Database 15 of the local Redis, for unit tests of Redis-backed state."""
+    conn = Redis.from_url(UNIT_REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        conn.ping()
+    except RedisError as exc:
+        unavailable(f"no Redis at {UNIT_REDIS_URL}: {exc}")
+    yield conn
+    conn.close()
 
 
 @pytest.fixture(scope="session")

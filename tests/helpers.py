@@ -17,6 +17,8 @@ from ml_backend.training import TrainConfig, fine_tune
 from sdk.local_stack import REPO_ROOT
 from sdk.synthetic import synthetic_em
 
+UNIT_REDIS_URL = "redis://127.0.0.1:6379/15"  # unit tests' database, apart from the stack's
+
 BRUSH_CONFIG = (
     '<View><Image name="em" value="$img" zoom="true"/>'
     '<BrushLabels name="organelle" toName="em">'

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
-from redis.exceptions import RedisError
 
 from ml_backend.checkpoint_mirror import MirrorError, RedisMirror
 from ml_backend.checkpoints import CheckpointStore
@@ -18,21 +17,7 @@ from ml_backend.config import Settings
 from ml_backend.registry import ModelRegistry
 from tests.test_checkpoints import TARGET, TINY, outputs, perturbed, same_weights
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[Redis]:
-    conn = Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        conn.ping()
-    except RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    yield conn
-    conn.close()
-
 
 QUEUE = f"emloop-test-{uuid.uuid4().hex[:8]}"  # the deployment: keys of other runs never mix in
 PROJECT = "7"

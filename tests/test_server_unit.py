@@ -11,7 +11,7 @@ import pytest
 import torch
 from flask.testing import FlaskClient
 from PIL import Image
-from redis.exceptions import RedisError
+from redis import Redis
 from rq import Queue
 
 from ml_backend.checkpoints import CheckpointStore, version_name
@@ -21,8 +21,9 @@ from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNetConfig, build_unet
 from ml_backend.predictions import confidence_score
 from ml_backend.server import create_app
-from ml_backend.training_queue import connect
 from sdk.brush import rle_to_mask
+
+from .helpers import UNIT_REDIS_URL
 
 CONFIG = (
     '<View><Image name="em" value="$image"/><BrushLabels name="brush" toName="em">'
@@ -259,15 +260,10 @@ def test_training_webhook_with_redis_down(client: FlaskClient) -> None:
     assert "unavailable" in assert_clean_error(client.get("/status"), 503)
 
 
-def test_training_webhook_queues_a_job(tmp_path: Path) -> None:
-    url = "redis://127.0.0.1:6379/15"
-    redis = connect(url, timeout=2.0)
-    try:
-        redis.ping()
-    except RedisError as exc:
-        pytest.skip(f"no Redis at {url}: {exc}")
+def test_training_webhook_queues_a_job(tmp_path: Path, redis: Redis) -> None:
     project, queue_name = f"test-{uuid.uuid4().hex[:12]}", f"emloop-test-{uuid.uuid4().hex[:12]}"
-    client = create_app(make_settings(tmp_path, redis_url=url, queue_name=queue_name)).test_client()
+    settings = make_settings(tmp_path, redis_url=UNIT_REDIS_URL, queue_name=queue_name)
+    client = create_app(settings).test_client()
     try:
         body = {"action": "ANNOTATION_CREATED", "project": {"id": project, "label_config": CONFIG}}
         first = client.post("/webhook", json=body)
@@ -283,7 +279,6 @@ def test_training_webhook_queues_a_job(tmp_path: Path) -> None:
         keys = list(redis.scan_iter(match=f"emloop:train:{project}:*"))
         if keys:
             redis.delete(*keys)
-        redis.close()
 
 
 def test_status_rejects_bad_project(client: FlaskClient) -> None:

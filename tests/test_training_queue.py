@@ -29,18 +29,7 @@ from ml_backend.training_queue import (
     training_decision,
 )
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[Redis]:
-    conn = connect(REDIS_URL, timeout=2.0)
-    try:
-        conn.ping()
-    except RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    yield conn
-    conn.close()
+from .helpers import UNIT_REDIS_URL as REDIS_URL
 
 
 @pytest.fixture
