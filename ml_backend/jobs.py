@@ -11,14 +11,19 @@ ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, Job
 
 
 def job_pending(redis: Redis, job_id: bytes | str | None) -> bool:
-    """Whether an RQ job still exists, has not finished and, once started, still has a live
-    worker (a job whose worker was killed stays "started" forever)."""
+    """Whether an RQ job still exists and `job_alive`."""
     if not job_id:
         return False
     try:
         job = Job.fetch(job_id.decode() if isinstance(job_id, bytes) else job_id, connection=redis)
     except NoSuchJobError:
         return False
+    return job_alive(redis, job)
+
+
+def job_alive(redis: Redis, job: Job) -> bool:
+    """Whether a job has not finished and, once started, still has a live worker (a job whose
+    worker was killed stays "started" forever)."""
     status = job.get_status()
     worker = job.worker_name and Worker.redis_worker_namespace_prefix + job.worker_name
     if status == JobStatus.STARTED and worker and not redis.exists(worker):

@@ -12,10 +12,9 @@ from typing import Any
 from .base import MLBackendBase
 from .checkpoints import CheckpointStore
 from .images import ImageError
-from .inference import PredictionTooLarge, check_prediction_size, predict_image
+from .inference import PredictionTooLarge
 from .label_config import parse_brush_target
-from .preannotation import hand_to_workers
-from .predictions import build_prediction
+from .preannotation import hand_to_workers, predict_url
 from .training_queue import TRAINING_EVENTS
 
 
@@ -44,21 +43,17 @@ class EMSegmentationModel(MLBackendBase):
                 queued = hand_to_workers(self.runtime.redis, settings, self.project_id, version, key, rest)
                 return predictions + queued
             try:
-                image = self.runtime.images.fetch(self._image_url(task))
-                check_prediction_size(image.shape, model.net.config.n_classes, settings.max_predict_bytes)
+                prediction, seconds = predict_url(
+                    self.runtime.images.fetch, self._image_url(task), model.net, self.target,
+                    model.version.name, settings, self.runtime.inference_slot,
+                )  # fmt: skip
             except (ImageError, PredictionTooLarge) as exc:
                 predictions.append({"task": task.get("id"), "error": str(exc)})
                 continue
-            with self.runtime.inference_slot:
-                output = predict_image(
-                    model.net, image, tile=settings.tile_size, overlap=settings.tile_overlap
-                )
             self.runtime.metrics.inc(
-                "emloop_forward_seconds_total",
-                output.forward_seconds,
-                help="time inside the network's forward pass",
+                "emloop_forward_seconds_total", seconds, help="time inside the network's forward pass"
             )
-            predictions.append(build_prediction(output.probs, self.target, model.version.name))
+            predictions.append(prediction)
         return predictions
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:

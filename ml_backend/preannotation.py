@@ -18,10 +18,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, get_current_job
@@ -35,9 +37,9 @@ from .checkpoints import CheckpointStore
 from .config import Settings
 from .images import ImageError, shared_fetcher
 from .inference import PredictionTooLarge, check_prediction_size, predict_image
-from .jobs import ACTIVE, job_pending
-from .label_config import parse_brush_target
-from .network import default_device
+from .jobs import ACTIVE, job_alive, job_pending
+from .label_config import BrushTarget, parse_brush_target
+from .network import UNet, default_device
 from .predictions import build_prediction
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ class Progress:
         counts: dict[str, int] = {}
         for job in Job.fetch_many(self.job_ids(), connection=self.redis):
             state = job.get_status().value if job is not None else "expired"
-            if state in RUNNING and not job_pending(self.redis, job.id):
+            if state in RUNNING and not job_alive(self.redis, job):
                 state = "lost"  # its worker died: a re-run queues the chunk again
             counts[state] = counts.get(state, 0) + 1
         return counts
@@ -237,19 +239,36 @@ def preannotate_chunk(project: str, version: str, tasks: list[list]) -> dict:
             skipped += 1
             continue
         try:
-            image = fetcher.fetch(url)
-            check_prediction_size(image.shape, net.config.n_classes, settings.max_predict_bytes)
+            prediction, _ = predict_url(fetcher.fetch, url, net, target, version, settings)
         except (ImageError, PredictionTooLarge) as exc:
             failures[task_id] = str(exc)
             continue
-        output = predict_image(net, image, tile=settings.tile_size, overlap=settings.tile_overlap)
-        predictions.append({"task": task_id, **build_prediction(output.probs, target, version)})
+        predictions.append({"task": task_id, **prediction})
     if predictions:
         api.request("POST", f"/api/projects/{int(project)}/import/predictions", json=predictions)
     progress.count(version, predicted=len(predictions), skipped=skipped, failures=failures)
     for task_id, why in failures.items():
         log.warning("project %s task %s not pre-annotated: %s", project, task_id, why)
     return {"predicted": len(predictions), "skipped": skipped, "failed": failures}
+
+
+def predict_url(
+    fetch: Callable[[str], np.ndarray],
+    url: str,
+    net: UNet,
+    target: BrushTarget,
+    version: str,
+    settings: Settings,
+    slot: AbstractContextManager | None = None,
+) -> tuple[dict, float]:
+    """One task's prediction (result, score, model_version) and the network's seconds, as
+    /predict and the workers make it; raises ImageError or PredictionTooLarge for an image
+    that cannot be predicted. `slot` bounds concurrent forward passes in the server."""
+    image = fetch(url)
+    check_prediction_size(image.shape, net.config.n_classes, settings.max_predict_bytes)
+    with slot or contextlib.nullcontext():
+        output = predict_image(net, image, tile=settings.tile_size, overlap=settings.tile_overlap)
+    return build_prediction(output.probs, target, version), output.forward_seconds
 
 
 def hand_to_workers(

@@ -92,7 +92,8 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
     device = default_device()
     net.to(device)
     hold_images, hold_masks = pick(hold_idx, data.images), pick(hold_idx, data.masks)
-    before = evaluate(net, hold_images, hold_masks) if hold_idx else None
+    tiles = {"tile": settings.tile_size, "overlap": settings.tile_overlap}  # as /predict sees the images
+    before = evaluate(net, hold_images, hold_masks, **tiles) if hold_idx else None
 
     def progress(step: int, total: int, loss: float) -> None:
         if state is not None and (step % 10 == 0 or step == total):
@@ -114,7 +115,7 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
         progress=progress,
         keep_start=parent.number > 0,  # an untrained network is no candidate
     )
-    after = evaluate(net, hold_images, hold_masks) if hold_idx else None
+    after = evaluate(net, hold_images, hold_masks, **tiles) if hold_idx else None
     metrics = {
         "holdout_before": before,
         "holdout_after": after,

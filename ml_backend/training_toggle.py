@@ -37,5 +37,12 @@ def turn_on_once(state: ProjectTraining, api: LabelStudioAPI) -> None:
 
 def turn_on_in_background(state: ProjectTraining, api: LabelStudioAPI) -> None:
     """/setup has 3 s and Label Studio may be waiting on it: the settings are written after."""
-    if state.project.isdigit() and api.api_key:
-        threading.Thread(target=turn_on_once, args=(state, api), daemon=True).start()
+    if not (state.project.isdigit() and api.api_key):
+        return
+    try:
+        if state.toggle_managed():  # the common case: every /setup after the first
+            return
+    except RedisError as exc:
+        log.warning("project %s: could not check the training toggle: %s", state.project, exc)
+        return
+    threading.Thread(target=turn_on_once, args=(state, api), daemon=True).start()
