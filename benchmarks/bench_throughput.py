@@ -4,7 +4,8 @@ segmentation Zarr to Zarr, and training patches per second, side by side in one 
 - predict: `predict_image` on the served network (default U-Net, BatchNorm folded, channels-last)
   for a 1024² and a 2048² image (4 tiles of 1024²), in two modes run alternately: `fp32, 1 tile`
   (the path before issue 15, and what a CPU still runs) and `default` (`autocast_dtype` and
-  `default_tile_batch`: bfloat16 and 8 tiles a pass on CUDA). Median of --repeat.
+  `default_tile_batch`: bfloat16 and 8 tiles a pass on CUDA), plus, with --baseline REF,
+  `predict_image` as it was at that commit. Median of --repeat, the modes alternating.
 - volume: a synthetic uint8 Zarr of --volume-slices × --plane² (uncompressed, 1 × 512² chunks)
   segmented by `scripts/segment_volume.py`'s code (`prepare_output`, `run_block`: the next slice is
   read while the network works), labels written to Zarr; Mvox/s end to end, I/O included. The
@@ -23,14 +24,18 @@ segmentation Zarr to Zarr, and training patches per second, side by side in one 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +55,19 @@ VNC_SLICE = ROOT.parent / "shared" / "data" / "vnc" / "stack1" / "raw" / "00.tif
 MODES = {"fp32, 1 tile": {"precision": None, "tile_batch": 1}, "default": {}}
 
 
+def baseline_predict(ref: str) -> Callable[..., object]:
+    """`predict_image` as it was at git `ref` (its `ml_backend/inference.py`, on today's network
+    code), to time the code before a change side by side with it."""
+    path = "ml_backend/inference.py"
+    show = ["git", "show", f"{ref}:{path}"]
+    source = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType(f"ml_backend.inference_at_{ref}")
+    module.__package__ = "ml_backend"
+    sys.modules[module.__name__] = module  # dataclasses look their module up
+    exec(compile(source, f"{ref}:{path}", "exec"), module.__dict__)  # noqa: S102
+    return module.predict_image
+
+
 def served_network(device: torch.device):
     net = build_unet(UNetConfig(), seed=0).eval()
     net.set_intensity_window((0.0, 255.0))
@@ -65,17 +83,20 @@ def test_image(size: int) -> np.ndarray:
     return synthetic_em(size, size, seed=0)[0]
 
 
-def bench_predict(net, device: torch.device, repeat: int) -> list[dict]:
+def bench_predict(net, device: torch.device, repeat: int, baseline: str | None) -> list[dict]:
+    runs = {mode: functools.partial(predict_image, **kwargs) for mode, kwargs in MODES.items()}
+    if baseline:
+        runs[f"before ({baseline})"] = baseline_predict(baseline)
     rows = []
     for size in (1024, 2048):
         image = test_image(size)
-        times: dict[str, list[float]] = {mode: [] for mode in MODES}
-        for kwargs in MODES.values():  # warm-up (cuDNN autotuning, allocator)
-            predict_image(net, image, tile=1024, overlap=64, **kwargs)
+        times: dict[str, list[float]] = {mode: [] for mode in runs}
+        for run in runs.values():  # warm-up (cuDNN autotuning, allocator)
+            run(net, image, tile=1024, overlap=64)
         for _ in range(repeat):
-            for mode, kwargs in MODES.items():
+            for mode, run in runs.items():
                 started = time.perf_counter()
-                predict_image(net, image, tile=1024, overlap=64, **kwargs)
+                run(net, image, tile=1024, overlap=64)
                 times[mode].append(time.perf_counter() - started)
         medians = {mode: statistics.median(t) for mode, t in times.items()}
         for mode, median in medians.items():
@@ -171,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--volume-slices", type=int, default=32, help="slices of the synthetic Zarr volume")
     p.add_argument("--plane", type=int, default=1024, help="slice edge in pixels")
     p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument("--baseline", metavar="GIT_REF", help="also time predict_image as it was at this commit")
     p.add_argument("--deadline-s", type=float, default=0, help="stop between phases after this; 0 = none")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir, removed afterwards)")
     p.add_argument("--json", type=Path, help="[benchmarks/results/throughput-<device>.json]")
@@ -205,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="emloop-bench-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        result["predict"] = bench_predict(net, device, args.repeat)
+        result["predict"] = bench_predict(net, device, args.repeat, args.baseline)
         save()
         if not late():
             result["volume"] = bench_volume(net, device, work, args.volume_slices, args.plane)
