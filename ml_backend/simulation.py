@@ -486,14 +486,14 @@ COST = {"bald": 3.0, "hybrid": 1.6, "coreset": 1.5, "kmeans": 1.4, FULL: 2.0}  #
 _worker: Simulation | None = None
 
 
-def _run_task(task: tuple[Path, SimConfig, DataSource, int, str, int]) -> None:
+def _run_task(task: tuple[Path, SimConfig, DataSource, int, str, str, int]) -> None:
     """One seed's initial model or one chain, in a worker process (set up on its first task,
     so a setup error reaches the caller instead of a pool that respawns failing workers)."""
     global _worker
-    out, config, source, threads, strategy, seed = task
+    out, config, source, threads, device, strategy, seed = task
     if _worker is None:
         torch.set_num_threads(threads)
-        _worker = Simulation(out, config, source.load(config))
+        _worker = Simulation(out, config, source.load(config), device=torch.device(device))
     if strategy == "initial":
         _worker.initial(seed)
     else:
@@ -509,10 +509,12 @@ def run_parallel(
     *,
     jobs: int,
     threads: int = 1,
+    device: str = "cpu",
     full: bool = True,
     on_poll: Callable[[], None] | None = None,
 ) -> None:
-    """`Simulation.run` over `jobs` CPU processes: the seeds' initial models, then every chain."""
+    """`Simulation.run` over `jobs` processes (on a GPU they share it): the seeds' initial
+    models, then every chain."""
     import multiprocessing
 
     for strategy in strategies:
@@ -528,7 +530,7 @@ def run_parallel(
     initial = sorted({("initial", seed) for _, seed in chains})
     chains.sort(key=lambda t: -COST.get(t[0], 1.0))  # longest first: the last process idles least
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    common = (Path(out), config, source, threads)
+    common = (Path(out), config, source, threads, device)
     with context.Pool(jobs) as pool:
         for tasks in (initial, chains):
             result = pool.map_async(_run_task, [(*common, *t) for t in tasks], chunksize=1)

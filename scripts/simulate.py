@@ -171,8 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=len(os.sched_getaffinity(0)),
-        help="CPU processes running chains side by side, one per core (default: %(default)s, this "
-        "machine's cores; ignored on a GPU)",
+        help="processes running chains side by side, one per core (default: %(default)s, this "
+        "machine's cores); on a GPU they share it",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default: 1)")
     parser.add_argument("--report", action="store_true", help="only write the report from OUT/results.jsonl")
@@ -225,7 +225,7 @@ def simulate(args: argparse.Namespace) -> str:
     else:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    jobs = args.jobs if device.type == "cpu" else 1
+    jobs = args.jobs
     sim = Simulation(args.out, config, data, device=device)
     full = not args.no_reference
     done, total = sim.work(strategies, seeds, full)
@@ -248,6 +248,7 @@ def simulate(args: argparse.Namespace) -> str:
                 seeds,
                 jobs=jobs,
                 threads=args.threads,
+                device=device.type,
                 full=full,
                 on_poll=on_step,
             )
