@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from bench_volume import disk_bytes, make_volume  # noqa: E402
 
 from ml_backend.inference import autocast_dtype, default_tile_batch, predict_image  # noqa: E402
-from ml_backend.network import UNetConfig, build_unet, default_device, fuse_for_inference  # noqa: E402
+from ml_backend.network import UNetConfig, build_unet, cpu_name, default_device, fuse_for_inference  # noqa: E402
 from sdk.synthetic import synthetic_em  # noqa: E402
 
 VNC_SLICE = ROOT.parent / "shared" / "data" / "vnc" / "stack1" / "raw" / "00.tif"
@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.json or ROOT / "benchmarks" / "results" / f"throughput-{device.type}.json"
     began = time.monotonic()
     late = lambda: args.deadline_s and time.monotonic() - began > args.deadline_s  # noqa: E731
-    cpu = platform.processor() or platform.machine()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     result: dict = {
         "meta": {
             "device": str(device),

@@ -9,7 +9,9 @@ caller (serving, scoring, whole volumes, evaluation) normalises images alike.
 from __future__ import annotations
 
 import copy
+import platform
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +41,17 @@ class UNetConfig:
 def default_device() -> torch.device:
     """CUDA when the machine has it, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_name() -> str:
+    """The processor's model name, for benchmark records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class MCDropout2d(nn.Dropout2d):

@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from ml_backend.network import cpu_name  # noqa: E402
 from ml_backend.simulation import (  # noqa: E402
     FULL,
     RESULTS,
@@ -272,23 +273,13 @@ def record_run(out: Path, started: float, rounds: int, jobs: int, threads: int, 
         "jobs": jobs,
         "threads": threads,
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
     with (out / RUNS).open("a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- report -----------------------------------------------------------------------------------
