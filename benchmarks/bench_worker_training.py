@@ -56,9 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ml_backend.checkpoints import CheckpointStore, Version  # noqa: E402
+from ml_backend.inference import bfloat16_supported  # noqa: E402
 from ml_backend.label_config import parse_brush_target  # noqa: E402
 from ml_backend.predictions import brush_results  # noqa: E402
-from ml_backend.training import bfloat16_supported, evaluate  # noqa: E402
+from ml_backend.training import evaluate  # noqa: E402
 from sdk.atomic import atomic_write_bytes  # noqa: E402
 from sdk.cli import run_main  # noqa: E402
 from sdk.local_stack import (  # noqa: E402

@@ -47,7 +47,7 @@ class MirrorError(RuntimeError):
 class RedisMirror:
     """Publishes and lists the versions of every lineage in one Redis database."""
 
-    def __init__(self, redis: Redis, queue: str = "emloop") -> None:
+    def __init__(self, redis: Redis, queue: str) -> None:
         self.redis = redis
         self.prefix = f"emloop:{queue}:checkpoints"
         self._offered: set[str] = set()

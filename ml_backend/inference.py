@@ -7,6 +7,7 @@ Memory for the network is bounded by the tile size; the output is C x H x W floa
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -159,7 +160,17 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     faster there for this network."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bfloat16_supported(device) else torch.float16
+
+
+def bfloat16_supported(device: torch.device) -> bool:
+    """Whether autocast to bfloat16 runs natively here (otherwise it is emulated, and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def default_tile_batch(device: torch.device) -> int:
@@ -167,16 +178,8 @@ def default_tile_batch(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 1
 
 
-def _batches(
-    tiles: Iterator[tuple[int, int, torch.Tensor, int, int]], size: int
-) -> Iterator[list[tuple[int, int, torch.Tensor, int, int]]]:
-    group: list[tuple[int, int, torch.Tensor, int, int]] = []
-    for tile in tiles:
-        group.append(tile)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
+def _batches(tiles: Iterator[tuple[int, int, torch.Tensor, int, int]], size: int) -> Iterator[list]:
+    while group := list(itertools.islice(tiles, size)):
         yield group
 
 
@@ -215,7 +218,7 @@ def predict_image(
     tiles = _tiles(pixels, th, tw, overlap, device, net.config.size_multiple)
     try:
         for group in _batches(tiles, tile_batch):
-            batch = torch.cat([t[2] for t in group]).contiguous(memory_format=torch.channels_last)
+            batch = group[0][2] if len(group) == 1 else torch.cat([t[2] for t in group])
             started = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 if with_embedding:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .inference import intensity_window, normalize_image, predict_image
+from .inference import bfloat16_supported, intensity_window, normalize_image, predict_image
 from .network import UNet
 
 IGNORE = 255
@@ -212,16 +212,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
         return config.learning_rate * (step + 1) / warmup
     span = max(1, config.steps - warmup)
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-def bfloat16_supported(device: torch.device) -> bool:
-    """Whether autocast to bfloat16 runs natively here (otherwise it is emulated, and slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def fine_tune(

@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ml_backend.network import cpu_name  # noqa: E402
+from ml_backend.network import cpu_name, default_device  # noqa: E402
 from ml_backend.simulation import (  # noqa: E402
     FULL,
     RESULTS,
@@ -225,7 +225,7 @@ def simulate(args: argparse.Namespace) -> str:
         strategies = default_strategies(len(data.classes), every=args.full or args.strategies == "all")
     else:
         strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     jobs = args.jobs
     sim = Simulation(args.out, config, data, device=device)
     full = not args.no_reference

@@ -122,7 +122,7 @@ def test_without_redis_a_machine_serves_what_it_has_and_saves_nothing(
 ) -> None:
     worker = machine(tmp_path, "worker", project, redis)
     v1 = worker.save(perturbed(1), parent=worker.latest(), metrics={})
-    down = RedisMirror(Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2))
+    down = RedisMirror(Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2), QUEUE)
     offline = CheckpointStore(worker.root, TARGET, TINY, mirror=down)
     assert offline.latest() == v1
     with pytest.raises(MirrorError, match="cannot"):
