@@ -51,7 +51,7 @@ $(LS_STAMP):
 	@touch $@
 
 demo: venv ls-venv
-	$(VENV)/bin/python scripts/demo.py $(DEMO_ARGS)
+	$(VENV)/bin/python -m devtools.demo $(DEMO_ARGS)
 
 test: venv ls-venv
 	$(VENV)/bin/python -m pytest $(PYTEST_FLAGS) $(PYTEST_ARGS)

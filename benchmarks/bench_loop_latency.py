@@ -34,16 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_worker_training import machine  # noqa: E402
-from ml_backend.label_config import parse_brush_target  # noqa: E402
-from ml_backend.predictions import brush_results  # noqa: E402
-from sdk.atomic import atomic_write_bytes  # noqa: E402
-from sdk.local_stack import (  # noqa: E402
+from devtools.local_stack import (  # noqa: E402
     BackendServer,
     LabelStudioServer,
     WorkerProcess,
     ensure_redis,
     seed_from_template,
 )
+from ml_backend.label_config import parse_brush_target  # noqa: E402
+from ml_backend.predictions import brush_results  # noqa: E402
+from sdk.atomic import atomic_write_bytes  # noqa: E402
 from sdk.synthetic import synthetic_em  # noqa: E402
 
 BRUSH_CONFIG = (

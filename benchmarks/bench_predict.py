@@ -28,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sdk.local_stack import BackendServer  # noqa: E402
+from devtools.local_stack import BackendServer  # noqa: E402
 from sdk.synthetic import synthetic_em  # noqa: E402
 
 VNC_SLICE = ROOT.parent / "shared" / "data" / "vnc" / "stack1" / "raw" / "00.tif"

@@ -12,8 +12,15 @@ segmentation Zarr to Zarr, and training patches per second, side by side in one 
   device is busy for the network's forward time of the same slices predicted from memory, so
   busy = that time / the end-to-end time.
 - train: `fine_tune` (the worker's recipe and defaults: 128² crops, batch 16) on 500 synthetic
-  annotated 256² patches for --train-steps steps; patches/s over the steps after the first, and
-  the time the worker's default 1000-step run takes at that rate plus this run's fixed costs.
+  annotated 256² patches for --train-steps steps, in modes taking turns twice: `default`, `batch 32`,
+  on CUDA `no prefetch` (batches drawn in the loop, not ahead in a thread) and, on a CPU whose
+  oneDNN would emulate bfloat16, `bfloat16 emulated (before)` (autocast as it was chosen there
+  until 2026-12-01); patches/s over the steps after the first (median), and the time the worker's
+  default 1000-step run takes at that rate plus the run's fixed costs.
+- agreement: the default network trained --agreement-steps steps on four VNC sections' top halves
+  (synthetic EM without VNC), then the fraction of the bottom halves' pixels whose class under
+  bfloat16 and float16 autocast (8 tiles a pass) is float32's (`mask_agreement`), beside the
+  float32 IoU that shows the masks are real segmentations.
 
     .venv/bin/python benchmarks/bench_throughput.py [--volume-slices 32] [--train-steps 40] [--json PATH]
     # a GPU machine (issue 15's targets): --volume-slices 4096 --train-steps 1000 --repeat 50
@@ -47,11 +54,18 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 from bench_volume import disk_bytes, make_volume  # noqa: E402
 
-from ml_backend.inference import autocast_dtype, default_tile_batch, predict_image  # noqa: E402
+from ml_backend.inference import (  # noqa: E402
+    autocast_dtype,
+    bfloat16_supported,
+    default_tile_batch,
+    mask_agreement,
+    predict_image,
+)
 from ml_backend.network import UNetConfig, build_unet, cpu_name, default_device, fuse_for_inference  # noqa: E402
 from sdk.synthetic import synthetic_em  # noqa: E402
 
-VNC_SLICE = ROOT.parent / "shared" / "data" / "vnc" / "stack1" / "raw" / "00.tif"
+VNC_DIR = ROOT.parent / "shared" / "data" / "vnc"
+VNC_SLICE = VNC_DIR / "stack1" / "raw" / "00.tif"
 MODES = {"fp32, 1 tile": {"precision": None, "tile_batch": 1}, "default": {}}
 
 
@@ -148,8 +162,24 @@ def bench_volume(net, device: torch.device, work: Path, slices: int, plane: int)
     return row
 
 
-def bench_train(device: torch.device, steps: int) -> dict:
-    from ml_backend.training import TrainConfig, fine_tune
+def stamp_step(stamps: dict[int, float], step: int, total: int, loss: float) -> None:
+    stamps.setdefault(step, time.perf_counter())
+
+
+def train_modes(device: torch.device) -> dict[str, dict]:
+    """`fine_tune` keyword changes per mode; the default is the worker's recipe on this device."""
+    modes: dict[str, dict] = {"default": {}, "batch 32": {"batch_size": 32}}
+    if device.type == "cuda":
+        modes["no prefetch"] = {"prefetch_batches": False}
+    elif not bfloat16_supported(device) and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        modes["bfloat16 emulated (before)"] = {
+            "force_bfloat16": True
+        }  # oneDNN's claim, used until 2026-12-01
+    return modes
+
+
+def bench_train(device: torch.device, steps: int, repeat: int = 2) -> list[dict]:
+    import ml_backend.training as training
 
     images, masks = [], []
     for seed in range(20):  # 500 patches of 256² cut from 20 synthetic 1280² sections
@@ -158,30 +188,88 @@ def bench_train(device: torch.device, steps: int) -> dict:
             for x in range(0, 1280, 256):
                 images.append(image[y : y + 256, x : x + 256])
                 masks.append(mask[y : y + 256, x : x + 256])
-    config = TrainConfig(steps=steps)  # the worker's defaults otherwise (TRAIN_PATCH_SIZE, TRAIN_BATCH_SIZE)
+    modes = train_modes(device)
+    runs: dict[str, list[tuple[float, float, dict, training.TrainConfig]]] = {mode: [] for mode in modes}
+    for _ in range(repeat):  # the modes take turns, so load changes reach them all
+        for mode, change in modes.items():
+            change = dict(change)
+            force = change.pop("force_bfloat16", False)
+            prefetch = change.pop("prefetch_batches", None)
+            config = training.TrainConfig(steps=steps, **change)  # the worker's defaults otherwise
+            net = build_unet(UNetConfig(), seed=0)
+            stamps: dict[int, float] = {}
+            native = training.bfloat16_supported
+            if force:
+                training.bfloat16_supported = lambda _device: True
+            try:
+                started = time.perf_counter()
+                summary = training.fine_tune(
+                    net, images, masks, config, device=device, keep_start=False, prefetch_batches=prefetch,
+                    progress=functools.partial(stamp_step, stamps),
+                )  # fmt: skip
+                seconds = time.perf_counter() - started
+            finally:
+                training.bfloat16_supported = native
+            # Steps after the first (which includes setup); the run's fixed costs (BatchNorm
+            # re-estimation on 512 crops, moving data) are in `seconds`.
+            rate = (steps - 1) * config.batch_size / (stamps[steps] - stamps[1])
+            runs[mode].append((rate, seconds, summary, config))
+    rows = []
+    default_rate = statistics.median(r[0] for r in runs["default"])
+    for mode, results in runs.items():
+        rate = statistics.median(r[0] for r in results)
+        seconds = statistics.median(r[1] for r in results)
+        config, summary = results[0][3], results[0][2]
+        fixed = seconds - steps * config.batch_size / rate
+        row = {
+            "mode": mode,
+            "patches": len(images),
+            "steps": steps,
+            "batch": config.batch_size,
+            "crop": config.patch_size,
+            "runs": len(results),
+            "seconds": round(seconds, 2),
+            "patches_per_s": round(rate, 1),
+            "ratio_to_default": round(rate / default_rate, 3),
+            "seconds_for_1000_steps": round(1000 * config.batch_size / rate + fixed, 1),
+            "bfloat16": summary["bfloat16"],
+        }
+        print(f"train {row}", file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def bench_agreement(device: torch.device, steps: int) -> dict:
+    """Masks under each reduced precision against float32, on VNC sections' unseen halves, from
+    the default network trained `steps` steps on their other halves (synthetic EM without VNC)."""
+    from ml_backend.simulation import SimConfig, load_vnc
+    from ml_backend.training import TrainConfig, evaluate, fine_tune
+
+    if VNC_DIR.exists():
+        data = load_vnc(VNC_DIR, SimConfig(sections=4))
+        train, train_masks = list(data.train_raw), list(data.train_mask)
+        test, test_masks, source = list(data.test_images), list(data.test_masks), "VNC sections 0-3"
+    else:
+        pairs = [synthetic_em(512, 1024, seed=s) for s in range(8)]
+        train, train_masks = [p[0] for p in pairs[:4]], [p[1] for p in pairs[:4]]
+        test, test_masks, source = [p[0] for p in pairs[4:]], [p[1] for p in pairs[4:]], "synthetic EM"
     net = build_unet(UNetConfig(), seed=0)
-    stamps: dict[int, float] = {}
-    started = time.perf_counter()
-    summary = fine_tune(
-        net, images, masks, config, device=device, keep_start=False,
-        progress=lambda step, total, loss: stamps.setdefault(step, time.perf_counter()),
-    )  # fmt: skip
-    seconds = time.perf_counter() - started
-    # Steps after the first (which includes setup); the run's fixed costs (BatchNorm
-    # re-estimation on 512 crops, moving data) are in `seconds`.
-    rate = (steps - 1) * config.batch_size / (stamps[steps] - stamps[1])
-    fixed = seconds - steps * config.batch_size / rate
-    row = {
-        "patches": len(images),
-        "steps": steps,
-        "batch": config.batch_size,
-        "crop": config.patch_size,
-        "seconds": round(seconds, 2),
-        "patches_per_s": round(rate, 1),
-        "seconds_for_1000_steps": round(1000 * config.batch_size / rate + fixed, 1),
-        "bfloat16": summary["bfloat16"],
+    fine_tune(
+        net, train, train_masks, TrainConfig(steps=steps, batch_size=8), device=device, keep_start=False
+    )
+    net = fuse_for_inference(net.eval()).to(device).to(memory_format=torch.channels_last)
+    row: dict = {
+        "images": f"{source}: {len(test)} unseen halves, {test[0].shape[0]}x{test[0].shape[1]}",
+        "train_steps": steps,
+        "float32_iou": round(evaluate(net, test, test_masks)["iou"], 4),
+        "pixels_agreeing": {},
     }
-    print(f"train {row}", file=sys.stderr)
+    for dtype in (torch.bfloat16, torch.float16):
+        try:
+            row["pixels_agreeing"][str(dtype)] = round(mask_agreement(net, test, dtype), 6)
+        except RuntimeError as exc:  # an autocast dtype this device does not run
+            row["pixels_agreeing"][str(dtype)] = f"not run: {exc}"
+    print(f"agreement {row}", file=sys.stderr)
     return row
 
 
@@ -192,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--volume-slices", type=int, default=32, help="slices of the synthetic Zarr volume")
     p.add_argument("--plane", type=int, default=1024, help="slice edge in pixels")
     p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument(
+        "--agreement-steps",
+        type=int,
+        default=150,
+        help="training steps of the network whose "
+        "bfloat16/float16 masks are compared with float32 (0 = skip)",
+    )
     p.add_argument("--baseline", metavar="GIT_REF", help="also time predict_image as it was at this commit")
     p.add_argument("--deadline-s", type=float, default=0, help="stop between phases after this; 0 = none")
     p.add_argument("--workdir", type=Path, help="scratch folder (default: a temp dir, removed afterwards)")
@@ -211,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "autocast": str(autocast_dtype(device)),
+            "cpu_bfloat16_native": bfloat16_supported(torch.device("cpu")),
             "tile_batch": default_tile_batch(device),
             "network": UNetConfig().to_dict(),
         }  # fmt: skip
@@ -233,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
             save()
         if not late():
             result["train"] = bench_train(device, args.train_steps)
+            save()
+        if not late() and args.agreement_steps:
+            result["agreement"] = bench_agreement(device, args.agreement_steps)
             save()
     finally:
         if args.workdir is None:

@@ -55,14 +55,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ml_backend.checkpoints import CheckpointStore, Version  # noqa: E402
-from ml_backend.inference import bfloat16_supported  # noqa: E402
-from ml_backend.label_config import parse_brush_target  # noqa: E402
-from ml_backend.predictions import brush_results  # noqa: E402
-from ml_backend.training import evaluate  # noqa: E402
-from sdk.atomic import atomic_write_bytes  # noqa: E402
-from sdk.cli import run_main  # noqa: E402
-from sdk.local_stack import (  # noqa: E402
+from devtools.local_stack import (  # noqa: E402
     DEFAULT_LS_BIN,
     BackendServer,
     LabelStudioServer,
@@ -72,6 +65,13 @@ from sdk.local_stack import (  # noqa: E402
     label_studio_version,
     seed_from_template,
 )
+from ml_backend.checkpoints import CheckpointStore, Version  # noqa: E402
+from ml_backend.inference import bfloat16_supported  # noqa: E402
+from ml_backend.label_config import parse_brush_target  # noqa: E402
+from ml_backend.predictions import brush_results  # noqa: E402
+from ml_backend.training import evaluate  # noqa: E402
+from sdk.atomic import atomic_write_bytes  # noqa: E402
+from sdk.cli import run_main  # noqa: E402
 from tests.helpers import BRUSH_CONFIG  # noqa: E402
 
 PROG = "bench_worker_training.py"

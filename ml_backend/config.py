@@ -9,6 +9,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Network tiles, the one place for their defaults (`TILE_SIZE`, `TILE_OVERLAP`): every prediction,
+# evaluation, pool scoring and whole-volume segmentation starts from these.
+TILE = 1024  # tile edge: one pass covers a 1024² image
+TILE_OVERLAP = 64  # overlap of neighbouring tiles, blended
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name, "").strip()
@@ -71,8 +76,8 @@ class Settings:
     basic_auth_pass: str = ""
     redis_url: str = "redis://127.0.0.1:6379/0"
     checkpoint_store: str = "disk"  # or "redis": versions travel through REDIS_URL (no shared MODEL_DIR)
-    tile_size: int = 1024
-    tile_overlap: int = 64
+    tile_size: int = TILE
+    tile_overlap: int = TILE_OVERLAP
     max_image_bytes: int = 256 * 2**20
     max_image_pixels: int = 16384 * 16384
     max_predict_bytes: int = 2048 * 2**20

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .config import TILE, TILE_OVERLAP
 from .network import UNet
 
 
@@ -139,7 +140,7 @@ def _tiles(
 
 
 @torch.inference_mode()
-def embed_image(net: UNet, image: np.ndarray, *, tile: int = 1024, overlap: int = 64) -> np.ndarray:
+def embed_image(net: UNet, image: np.ndarray, *, tile: int = TILE, overlap: int = TILE_OVERLAP) -> np.ndarray:
     """Bottleneck embedding (D,) of an image of any size, area-weighted over tiles, without the
     decoder; equal to `predict_image(..., with_embedding=True).embedding`."""
     device = next(net.parameters()).device
@@ -164,13 +165,20 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def bfloat16_supported(device: torch.device) -> bool:
-    """Whether autocast to bfloat16 runs natively here (otherwise it is emulated, and slower)."""
+    """Whether autocast to bfloat16 runs natively here (otherwise it is emulated, and slower).
+
+    On CPU that takes AVX-512 BF16 or AMX instructions. oneDNN's own check accepts any AVX-512
+    CPU and then emulates bfloat16: a training step ran 1.7x slower than in float32 on an Ice Lake
+    Xeon (`benchmarks/bench_throughput.py`, README "Throughput and the GPU path").
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+    if device.type != "cpu":
         return False
+    checks = (
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return any(bool(check()) for check in checks if check is not None)
 
 
 def default_tile_batch(device: torch.device) -> int:
@@ -188,8 +196,8 @@ def predict_image(
     net: UNet,
     image: np.ndarray,
     *,
-    tile: int = 1024,
-    overlap: int = 64,
+    tile: int = TILE,
+    overlap: int = TILE_OVERLAP,
     device: torch.device | None = None,
     mc_dropout: bool = False,
     with_embedding: bool = False,
@@ -247,3 +255,25 @@ def predict_image(
     if embedding_sum is not None:
         embedding = (embedding_sum / float(area_sum)).astype(np.float32)
     return ImagePrediction(probs=acc, embedding=embedding, forward_seconds=forward_seconds)
+
+
+def mask_agreement(
+    net: UNet,
+    images: Iterable[np.ndarray],
+    dtype: torch.dtype,
+    *,
+    tile: int = TILE,
+    overlap: int = TILE_OVERLAP,
+) -> float:
+    """Fraction of pixels whose class under `dtype` autocast (tiles batched as on a GPU) is the
+    class float32 gives one tile at a time: what reduced precision changes in the masks a user sees.
+
+    Raises RuntimeError where this device's autocast does not run `dtype`.
+    """
+    agree = total = 0
+    for image in images:
+        reference = predict_image(net, image, tile=tile, overlap=overlap, precision=None, tile_batch=1)
+        reduced = predict_image(net, image, tile=tile, overlap=overlap, precision=dtype, tile_batch=8)
+        agree += int((reduced.probs.argmax(0) == reference.probs.argmax(0)).sum())
+        total += reference.probs[0].size
+    return agree / total if total else 1.0

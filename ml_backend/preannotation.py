@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from redis import Redis
@@ -41,9 +40,6 @@ from .jobs import ACTIVE, job_alive, job_pending
 from .label_config import BrushTarget, parse_brush_target
 from .network import UNet, default_device
 from .predictions import build_prediction
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -190,26 +186,6 @@ def enqueue(
             description=f"pre-annotate {len(chunk)} tasks of project {project} with {version}",
         )
     return list(chunks)
-
-
-def queue_project(runtime: Runtime, project: str, *, include_labeled: bool = False) -> dict:
-    """Queue every task of `project` without a prediction of the version the backend serves."""
-    settings = runtime.settings
-    api = runtime.images.label_studio
-    info = api.project(int(project))
-    target = parse_brush_target(info.get("label_config"), settings.max_labels)
-    store = CheckpointStore.for_settings(settings, project, target)
-    version = runtime.registry.current(store).version.name
-    pending = pending_tasks(api, int(project), target.value_key, version, include_labeled=include_labeled)
-    jobs = enqueue(runtime.redis, settings, project, version, pending.tasks, pending.already)
-    return {
-        "project": project,
-        "version": version,
-        "queued_tasks": len(pending.tasks),
-        "jobs": len(jobs),
-        "already": pending.already,
-        "unusable": pending.unusable,
-    }
 
 
 def has_prediction(api: LabelStudioAPI, task_id: int, version: str) -> bool:

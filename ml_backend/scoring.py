@@ -46,7 +46,7 @@ from sdk.strategies import SCORE_STRATEGIES, STRATEGIES, cluster_labels, reduce_
 from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
 
 from .checkpoints import CheckpointStore, Version
-from .config import Settings
+from .config import TILE, TILE_OVERLAP, Settings
 from .images import ImageError, shared_fetcher
 from .inference import embed_image, normalize_image, pad_to_multiple, predict_image
 from .label_config import BrushTarget, parse_brush_target
@@ -292,8 +292,8 @@ def score_pool(
     keep_mc_probs: bool = False,
     keep_maps: bool = False,
     keep_labels: bool = False,
-    tile: int = 1024,
-    overlap: int = 64,
+    tile: int = TILE,
+    overlap: int = TILE_OVERLAP,
     batch_size: int = 4,
     device: torch.device | None = None,
     seed: int = 0,
@@ -394,8 +394,8 @@ class ScoringOptions:
     reduction: str = "sum"
     region_size: int = 16
     region_quantile: float = 1.0
-    tile: int = 1024
-    overlap: int = 64
+    tile: int = TILE
+    overlap: int = TILE_OVERLAP
     batch_size: int = 4
     seed: int = 0
 

@@ -20,16 +20,36 @@ from sdk.labelstudio import LabelStudioError, ProjectNotFound
 from sdk.lru import LRU
 
 from .base import MLBackendBase, project_key
-from .checkpoints import trained_version_names
+from .checkpoints import CheckpointStore, trained_version_names
 from .config import Settings
-from .label_config import LabelConfigError
+from .label_config import LabelConfigError, parse_brush_target
 from .model import EMSegmentationModel
-from .preannotation import queue_project
+from .preannotation import enqueue, pending_tasks
 from .runtime import Runtime
 from .training_queue import all_statuses
 from .training_toggle import turn_on_in_background
 
 log = logging.getLogger(__name__)
+
+
+def queue_project(runtime: Runtime, project: str, *, include_labeled: bool = False) -> dict:
+    """Queue every task of `project` without a prediction of the version the backend serves."""
+    settings = runtime.settings
+    api = runtime.images.label_studio
+    info = api.project(int(project))
+    target = parse_brush_target(info.get("label_config"), settings.max_labels)
+    store = CheckpointStore.for_settings(settings, project, target)
+    version = runtime.registry.current(store).version.name
+    pending = pending_tasks(api, int(project), target.value_key, version, include_labeled=include_labeled)
+    jobs = enqueue(runtime.redis, settings, project, version, pending.tasks, pending.already)
+    return {
+        "project": project,
+        "version": version,
+        "queued_tasks": len(pending.tasks),
+        "jobs": len(jobs),
+        "already": pending.already,
+        "unusable": pending.unusable,
+    }
 
 
 class Refused(Exception):

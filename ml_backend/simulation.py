@@ -48,6 +48,7 @@ from sdk.strategies import (
 )
 from sdk.tiling import parse_classes, patch_grid, read_patch
 
+from .config import TILE
 from .network import UNet, UNetConfig, build_unet
 from .scoring import score_pool
 from .training import TrainConfig, evaluate, fine_tune
@@ -99,7 +100,7 @@ class SimConfig:
     ceal_max_pseudo: int = 10
     sections: int = 0  # 0: all sections
     crop: int = 0  # 0: whole sections; else the top-left crop x crop of each (tests)
-    eval_tile: int = 1024
+    eval_tile: int = TILE
 
     def unet(self) -> UNetConfig:
         return UNetConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sdk.prefetch import prefetch
+
+from .config import TILE, TILE_OVERLAP
 from .inference import bfloat16_supported, intensity_window, normalize_image, predict_image
 from .network import UNet
 
@@ -117,6 +120,24 @@ def augment_batch(
         x = x * torch.from_numpy(gain.astype(np.float32)).to(x.device)
         x = x + torch.from_numpy(shift.astype(np.float32)).to(x.device)
     return x, y
+
+
+def training_batches(
+    pixels: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The `config.steps` augmented batches of a run, drawn in order from `rng` alone (so a
+    thread may draw them ahead of the training loop without changing them)."""
+    pin = device.type == "cuda"  # page-locked host memory: the copy to the GPU runs asynchronously
+    for _ in range(config.steps):
+        xs, ys = sample_patches(pixels, masks, config.patch_size, config.batch_size, rng)
+        x, y = torch.from_numpy(xs), torch.from_numpy(ys)
+        if pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        yield augment_batch(x.to(device, non_blocking=pin), y.to(device, non_blocking=pin), config, rng)
 
 
 def validation_patches(
@@ -225,6 +246,7 @@ def fine_tune(
     device: torch.device | None = None,
     progress: Progress | None = None,
     keep_start: bool = True,
+    prefetch_batches: bool | None = None,
 ) -> dict:
     """Train `net` in place from its current weights for `config.steps` steps; returns a summary.
 
@@ -232,7 +254,9 @@ def fine_tune(
     every later run. With validation images and `keep_start`, the starting weights are
     kept when they score better (`validation_score`), so new labels cannot make a trained
     model worse on the held-out images; pass False for a fresh network, whose random
-    guesses can outscore a real model on IoU-0 validation crops.
+    guesses can outscore a real model on IoU-0 validation crops. `prefetch_batches` (default: on
+    CUDA) prepares the next batch in a thread while the device trains on this one; the batches,
+    and so the trained weights, are the same either way.
     """
     if not images:
         raise ValueError("no labelled images to train on")
@@ -265,13 +289,14 @@ def fine_tune(
     start = (score(), copy.deepcopy(net.state_dict())) if val_batch is not None and keep_start else None
     autocast = config.mixed_precision and bfloat16_supported(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    batches = training_batches(pixels, masks, config, rng, device)
+    if device.type == "cuda" if prefetch_batches is None else prefetch_batches:
+        batches = prefetch(batches)
     net.train()
     loss_value = math.nan
-    for step in range(config.steps):
+    for step, (x, y) in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, config)
-        xs, ys = sample_patches(pixels, masks, config.patch_size, config.batch_size, rng)
-        x, y = augment_batch(torch.from_numpy(xs).to(device), torch.from_numpy(ys).to(device), config, rng)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = net(x.contiguous(memory_format=torch.channels_last))
         loss = segmentation_loss(logits.float(), y)
@@ -330,8 +355,8 @@ def evaluate(
     images: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
     *,
-    tile: int = 1024,
-    overlap: int = 64,
+    tile: int = TILE,
+    overlap: int = TILE_OVERLAP,
 ) -> dict:
     """Deterministic IoU/Dice of whole-image predictions against label maps."""
     n_classes = net.config.n_classes

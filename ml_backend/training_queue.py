@@ -174,10 +174,8 @@ class ProjectTraining:
         return {"queued": bool(enqueue), **({"generation": generation} if generation is not None else {})}
 
     def _enqueue(self, job_id: str, settings: Settings, retry_of: str = "") -> None:
-        from .train_job import run_training  # the job function RQ imports by name
-
         Queue(self.queue, connection=self.redis).enqueue(
-            run_training,
+            "ml_backend.train_job.run_training",  # by name: the job module imports this one
             self.project,
             self.queue,
             job_id=job_id,

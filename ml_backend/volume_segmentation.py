@@ -27,7 +27,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -36,11 +36,13 @@ import numpy as np
 import torch
 
 from sdk.atomic import atomic_write_bytes
+from sdk.prefetch import prefetch
 from sdk.tiling import open_volume, plane_shape, to_uint8
 from sdk.tiling.grid import axis_index
 from sdk.tiling.output import Format, output_format  # noqa: F401 - re-exported for the script
 
 from .checkpoints import CheckpointError, load_checkpoint
+from .config import TILE, TILE_OVERLAP
 from .inference import predict_image
 from .network import UNet, default_device, fuse_for_inference
 
@@ -68,8 +70,8 @@ class SegmentationPlan:
     n_classes: int
     class_names: tuple[str, ...]
     window: tuple[float, float]
-    tile: int = 1024
-    overlap: int = 64
+    tile: int = TILE
+    overlap: int = TILE_OVERLAP
     chunk_slices: int = 8
     chunk_size: int = 1024  # in-plane chunk edge of Zarr output
     tiff_offset: int | None = None  # where a TIFF output's pixels start; known once it exists
@@ -318,6 +320,55 @@ def segment_plane(
     return probs_to_labels(probs) if kind == "labels" else quantize_probs(probs)
 
 
+def _segment_block(
+    plan: SegmentationPlan,
+    start: int,
+    stop: int,
+    net: UNet,
+    device: torch.device,
+    on_slice: Callable[[], None] | None,
+) -> np.ndarray:
+    """Slices [start, stop) segmented, in the output's axis order."""
+    rows, cols = plane_shape(plan.shape, plan.axis)
+    depth = stop - start
+    shape = (depth, rows, cols) if plan.kind == "labels" else (plan.n_classes, depth, rows, cols)
+    block = np.empty(shape, np.uint8)
+    with open_volume(plan.volume) as volume:
+        if tuple(volume.shape) != tuple(plan.shape):
+            raise ValueError(f"{plan.volume} now has shape {volume.shape}, planned for {plan.shape}")
+        # The next slice is read and decompressed while the network works on this one.
+        planes = prefetch(np.asarray(volume[plane_index(plan.axis, i)]) for i in range(start, stop))
+        for k, plane in enumerate(planes):
+            out = segment_plane(
+                net, plane, plan.window, plan.kind, tile=plan.tile, overlap=plan.overlap, device=device
+            )
+            if plan.kind == "labels":
+                block[k] = out
+            else:
+                block[:, k] = out
+            if on_slice is not None:
+                on_slice()
+    return to_volume_order(block, plan)
+
+
+def _finish_block(
+    plan: SegmentationPlan, start: int, stop: int, data: np.ndarray, began: float, device: torch.device
+) -> dict[str, Any]:
+    """Write the block, then mark it done: a block marked done is always fully written."""
+    _write_block(plan, start, stop, data)
+    info = {
+        "start": start,
+        "stop": stop,
+        "seconds": round(time.time() - began, 3),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+        "finished_at": time.time(),
+    }
+    Progress(plan.progress_dir).mark(start, stop, info)
+    return info
+
+
 def run_block(
     plan: SegmentationPlan,
     start: int,
@@ -328,48 +379,38 @@ def run_block(
     on_slice: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Segment slices [start, stop), write them, then mark the block done; a done block is skipped."""
-    progress = Progress(plan.progress_dir)
-    if progress.is_done(start, stop):
-        return {"start": start, "stop": stop, "skipped": True}
-    began = time.time()
+    return run_blocks(plan, [(start, stop)], net=net, device=device, on_slice=on_slice)[0]
+
+
+def run_blocks(
+    plan: SegmentationPlan,
+    blocks: Sequence[tuple[int, int]],
+    *,
+    net: UNet | None = None,
+    device: torch.device | None = None,
+    on_slice: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """`run_block` for each block in turn, each block written in a thread while the next is segmented
+    (at most two blocks in memory); a write's failure stops the run before the following block."""
     device = device or default_device()
-    if net is None:
-        net = cached_network(plan.checkpoint, plan.checkpoint_sha256, device)
-    rows, cols = plane_shape(plan.shape, plan.axis)
-    depth = stop - start
-    shape = (depth, rows, cols) if plan.kind == "labels" else (plan.n_classes, depth, rows, cols)
-    block = np.empty(shape, np.uint8)
-    with open_volume(plan.volume) as volume, ThreadPoolExecutor(1) as reader:
-        if tuple(volume.shape) != tuple(plan.shape):
-            raise ValueError(f"{plan.volume} now has shape {volume.shape}, planned for {plan.shape}")
-        # The next slice is read and decompressed while the network works on this one.
-        read = lambda i: np.asarray(volume[plane_index(plan.axis, i)])  # noqa: E731
-        pending = reader.submit(read, start)
-        for k, i in enumerate(range(start, stop)):
-            plane = pending.result()
-            if i + 1 < stop:
-                pending = reader.submit(read, i + 1)
-            out = segment_plane(
-                net, plane, plan.window, plan.kind, tile=plan.tile, overlap=plan.overlap, device=device
-            )
-            if plan.kind == "labels":
-                block[k] = out
-            else:
-                block[:, k] = out
-            if on_slice is not None:
-                on_slice()
-    _write_block(plan, start, stop, to_volume_order(block, plan))
-    info = {
-        "start": start,
-        "stop": stop,
-        "seconds": round(time.time() - began, 3),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "device": str(device),
-        "finished_at": time.time(),
-    }
-    progress.mark(start, stop, info)
-    return info
+    progress = Progress(plan.progress_dir)
+    infos: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="write-behind") as writer:
+        writing: Future | None = None
+        for start, stop in blocks:
+            if progress.is_done(start, stop):
+                infos.append({"start": start, "stop": stop, "skipped": True})
+                continue
+            began = time.time()
+            if net is None:
+                net = cached_network(plan.checkpoint, plan.checkpoint_sha256, device)
+            data = _segment_block(plan, start, stop, net, device, on_slice)
+            if writing is not None:
+                infos.append(writing.result())
+            writing = writer.submit(_finish_block, plan, start, stop, data, began, device)
+        if writing is not None:
+            infos.append(writing.result())
+    return sorted(infos, key=lambda info: info["start"])
 
 
 def run_block_job(plan: dict[str, Any], start: int, stop: int) -> dict[str, Any]:

@@ -9,8 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sdk.labelstudio import label_studio_error_message
+
+
+def prog_name(script: str) -> str:
+    """The name the user typed: the console entry point (`emloop-...`), else the script's name."""
+    typed = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return typed if typed.startswith("emloop-") else script
 
 
 def run_main(

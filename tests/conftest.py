@@ -16,7 +16,7 @@ import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
-from sdk.local_stack import (
+from devtools.local_stack import (
     DEFAULT_LS_BIN,
     REPO_ROOT,
     BackendServer,
@@ -51,12 +51,9 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def simulate():
-    """scripts/simulate.py as a module (scripts are not a package)."""
-    import importlib.util
+    """The module behind scripts/simulate.py."""
+    import ml_backend.cli.simulate as module
 
-    spec = importlib.util.spec_from_file_location("simulate", REPO_ROOT / "scripts" / "simulate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module
 
 

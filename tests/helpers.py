@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from devtools.local_stack import REPO_ROOT
 from ml_backend.checkpoints import CheckpointStore, Version
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNet, UNetConfig, build_unet
 from ml_backend.training import TrainConfig, fine_tune
-from sdk.local_stack import REPO_ROOT
 from sdk.synthetic import synthetic_em
 
 UNIT_REDIS_URL = "redis://127.0.0.1:6379/15"  # unit tests' database, apart from the stack's

@@ -12,9 +12,9 @@ import pytest
 import requests
 from PIL import Image
 
+from devtools.local_stack import find_free_port
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import build_unet
-from sdk.local_stack import find_free_port
 
 from .helpers import BRUSH_CONFIG, SMALL_NET, publish, write_images
 

@@ -31,10 +31,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from devtools.local_stack import REPO_ROOT
 from ml_backend.network import UNetConfig, build_unet
 from ml_backend.training import TrainConfig, fine_tune
 from sdk.brush import rle_to_mask
-from sdk.local_stack import REPO_ROOT
 from sdk.synthetic import synthetic_em
 
 from .conftest import unavailable

@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from ml_backend.inference import autocast_dtype, default_tile_batch, predict_image
+from ml_backend.inference import (
+    autocast_dtype,
+    bfloat16_supported,
+    default_tile_batch,
+    mask_agreement,
+    predict_image,
+)
 from ml_backend.network import UNetConfig, build_unet
 from ml_backend.simulation import SimConfig, load_vnc
-from ml_backend.training import TrainConfig, confusion_counts, fine_tune, scores_from_counts
+from ml_backend.training import TrainConfig, evaluate, fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,20 +54,32 @@ def test_defaults_keep_float32_and_single_tiles_on_cpu() -> None:
     assert autocast_dtype(cpu) is None and default_tile_batch(cpu) == 1
 
 
+def test_the_fixed_network_is_a_real_segmenter(vnc_model) -> None:
+    """The masks compared below must be real segmentations, not all background."""
+    net, images, masks = vnc_model
+    assert evaluate(net, images, masks, tile=384)["iou"] > 0.3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_masks_agree_with_float32_on_vnc(vnc_model, dtype: torch.dtype) -> None:
     """What a GPU runs (`autocast_dtype`), on CPU where autocast allows: >= 99.9 % of pixels."""
-    net, images, masks = vnc_model
-    agree = total = 0
-    counts = np.zeros((2, 3), np.int64)
-    for image, mask in zip(images, masks, strict=True):
-        reference = predict_image(net, image, tile=384, overlap=64, precision=None).probs.argmax(0)
-        try:
-            reduced = predict_image(net, image, tile=384, overlap=64, precision=dtype, tile_batch=4)
-        except RuntimeError as exc:  # an autocast dtype this CPU build does not run
-            pytest.skip(f"{dtype} autocast on CPU: {exc}")
-        agree += int((reduced.probs.argmax(0) == reference).sum())
-        total += reference.size
-        counts += confusion_counts(reference, mask, 2)
-    assert scores_from_counts(counts)["iou"] > 0.3, "the masks compared must be real segmentations"
-    assert agree / total >= 0.999, f"{dtype}: {agree / total:.5f} of the pixels agree with float32"
+    net, images, _ = vnc_model
+    try:
+        agree = mask_agreement(net, images, dtype, tile=384)
+    except RuntimeError as exc:  # an autocast dtype this CPU build does not run
+        pytest.skip(f"{dtype} autocast on CPU: {exc}")
+    assert agree >= 0.999, f"{dtype}: {agree:.5f} of the pixels agree with float32"
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"), [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_bfloat16_counts_as_supported_on_cpu_only_where_it_is_native(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, native: bool
+) -> None:
+    """oneDNN emulates bfloat16 on any AVX-512 CPU, slower than float32: training must not use it there."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert bfloat16_supported(torch.device("cpu")) is native
+    assert bfloat16_supported(torch.device("meta")) is False

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from sdk.local_stack import (
+from devtools.local_stack import (
     CREDENTIALS_FILE,
     REPO_ROOT,
     BackendServer,
@@ -238,11 +238,12 @@ def test_demo_smoke(label_studio: LabelStudioServer, redis_url: str, repo_root: 
     seed_from_template(data_dir / "label-studio")  # skip the migrations (label_studio built it)
     ls_port, ml_port = find_free_port(), find_free_port()
     result = subprocess.run(
-        [sys.executable, str(repo_root / "scripts" / "demo.py"), "--data-dir", str(data_dir),
+        [sys.executable, "-m", "devtools.demo", "--data-dir", str(data_dir),
          "--ls-port", str(ls_port), "--ml-port", str(ml_port), "--images", "3", "--size", "160",
          "--teach", "2", "--smoke"],
         env={**os.environ, "REDIS_URL": redis_url, "TRAIN_STEPS": "10", "TRAIN_PATCH_SIZE": "128",
              "RQ_QUEUE": f"emloop-demo-test-{ls_port}"},
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=560,

@@ -223,3 +223,34 @@ def test_foreign_output_is_refused_and_overwrite_starts_over(tmp_path):
     shutil.rmtree(out)  # output deleted by hand: its markers must not survive it
     prepare_output(plan)
     assert progress.done() == set() and out.exists()
+
+
+def test_a_failed_write_behind_stops_the_run_and_marks_only_written_blocks(data, tmp_path, monkeypatch):
+    """Blocks are written in a thread while the next one is segmented; a write that fails is raised
+    before a later block is written, and no block it did not write is marked done."""
+    import ml_backend.volume_segmentation as vs
+
+    volume = np.load(data["volume"])
+    plan = vs.prepare_output(
+        SegmentationPlan(
+            volume=str(data["volume"]), shape=volume.shape, axis="z", output=str(tmp_path / "o.zarr"),
+            format="zarr", kind="labels", checkpoint=str(data["checkpoint"]),
+            checkpoint_sha256=vs.file_sha256(Path(data["checkpoint"])), n_classes=2,
+            class_names=("background", "a"), window=(1000.0, 1000.0 + 255 * 37), chunk_slices=1, tile=128,
+            overlap=16,
+        )
+    )  # fmt: skip
+    written = []
+    real_write = vs._write_block
+
+    def write(plan, start, stop, block):
+        if start == 2:
+            raise OSError("disk full")
+        real_write(plan, start, stop, block)
+        written.append(start)
+
+    monkeypatch.setattr(vs, "_write_block", write)
+    with pytest.raises(OSError, match="disk full"):
+        vs.run_blocks(plan, [(i, i + 1) for i in range(N_SLICES)], device=torch.device("cpu"))
+    assert written == [0, 1]
+    assert vs.Progress(plan.progress_dir).done() == {(0, 1), (1, 2)}

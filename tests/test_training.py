@@ -165,6 +165,19 @@ def test_a_fresh_network_takes_the_training_data_intensity_window_and_keeps_it()
     assert net.intensity_window == window
 
 
+def test_prefetched_batches_train_the_same_weights() -> None:
+    """Batches drawn ahead in a thread (the default on CUDA) are the batches drawn in the loop."""
+    images, masks = zip(*(discs(seed, 48) for seed in range(3)), strict=True)
+    weights = []
+    for ahead in (False, True):
+        net = build_unet(UNetConfig(n_classes=2, base_channels=4, depth=2, dropout=0.2), seed=3)
+        config = TrainConfig(steps=6, patch_size=32, batch_size=3, seed=5)
+        fine_tune(net, images, masks, config, keep_start=False, prefetch_batches=ahead)
+        weights.append(net.state_dict())
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     config = TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10)
     rates = [learning_rate(step, config) for step in range(100)]

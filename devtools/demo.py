@@ -24,13 +24,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # runnable without an editable install
-
-from ml_backend.label_config import parse_brush_target  # noqa: E402
-from ml_backend.predictions import brush_results  # noqa: E402
-from sdk.backend_api import BackendAPI  # noqa: E402
-from sdk.local_stack import (  # noqa: E402
+from devtools.local_stack import (
     BackendServer,
     LabelStudioServer,
     ManagedProcess,
@@ -39,9 +33,13 @@ from sdk.local_stack import (  # noqa: E402
     ensure_redis,
     install_sigterm_handler,
 )
-from sdk.queue_order import ensure_priority_view  # noqa: E402
-from sdk.synthetic import write_demo_images  # noqa: E402
+from ml_backend.label_config import parse_brush_target
+from ml_backend.predictions import brush_results
+from sdk.backend_api import BackendAPI
+from sdk.queue_order import ensure_priority_view
+from sdk.synthetic import write_demo_images
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_TITLE = "emloop demo"
 LABEL_CONFIG = (
     '<View><Image name="image" value="$image" zoom="true"/>'
@@ -55,7 +53,7 @@ IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(
-        prog="scripts/demo.py",
+        prog="python -m devtools.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Environment: LS_PORT, ML_PORT, REDIS_URL, VOLUME (defaults for the options above).",

@@ -1,9 +1,9 @@
 """Launch the local stack (Redis, Label Studio, ML backend, RQ worker) as child processes.
 
-Shared by ``tests/conftest.py`` and ``scripts/demo.py`` so that tests exercise exactly the
-processes a user runs. Every child gets its own process group and is registered for cleanup:
-context-manager exit, ``atexit`` and (on Linux) the parent-death signal all stop it, so an
-interrupted test run or demo leaves no stray servers behind.
+Shared by ``tests/conftest.py``, ``devtools/demo.py`` (``make demo``) and the end-to-end
+benchmarks, so that tests exercise exactly the processes a user runs. Every child gets its own
+process group and is registered for cleanup: context-manager exit, ``atexit`` and (on Linux) the
+parent-death signal all stop it, so an interrupted test run or demo leaves no stray servers behind.
 """
 
 from __future__ import annotations
