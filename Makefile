@@ -65,8 +65,8 @@ simulate: venv
 
 bench: venv
 	@set -e; found=0; for f in benchmarks/bench_*.py; do \
-		[ -e "$$f" ] || continue; found=1; \
-		echo "==> $$f"; $(VENV)/bin/python "$$f"; \
+		[ -e "$$f" ] || continue; found=1; m=$$(basename "$$f" .py); \
+		echo "==> benchmarks.$$m"; $(VENV)/bin/python -m "benchmarks.$$m"; \
 	done; [ $$found = 1 ] || echo "no benchmarks/bench_*.py"
 
 clean:

@@ -10,8 +10,8 @@ is one of the new version's ranking predictions. The phases come from the backen
 waiting (the debounce, TRAIN_DEBOUNCE_SECONDS, and the queue), training, ranking; the rest is
 Label Studio and polling (0.5 s).
 
-    .venv/bin/python benchmarks/bench_loop_latency.py                   # 3 rounds, product defaults
-    .venv/bin/python benchmarks/bench_loop_latency.py --rounds 1 --set TRAIN_STEPS=20 --json /tmp/x.json
+    .venv/bin/python -m benchmarks.bench_loop_latency                   # 3 rounds, product defaults
+    .venv/bin/python -m benchmarks.bench_loop_latency --rounds 1 --set TRAIN_STEPS=20 --json /tmp/x.json
 """
 
 from __future__ import annotations
@@ -30,21 +30,20 @@ from pathlib import Path
 import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_worker_training import machine  # noqa: E402
-from devtools.local_stack import (  # noqa: E402
+from benchmarks.bench_worker_training import machine
+from devtools.local_stack import (
     BackendServer,
     LabelStudioServer,
     WorkerProcess,
     ensure_redis,
     seed_from_template,
 )
-from ml_backend.label_config import parse_brush_target  # noqa: E402
-from ml_backend.predictions import brush_results  # noqa: E402
-from sdk.atomic import atomic_write_bytes  # noqa: E402
-from sdk.synthetic import synthetic_em  # noqa: E402
+from ml_backend.label_config import parse_brush_target
+from ml_backend.predictions import brush_results
+from sdk.atomic import atomic_write_bytes
+from sdk.synthetic import synthetic_em
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BRUSH_CONFIG = (
     '<View><Image name="em" value="$img" zoom="true"/>'

@@ -5,7 +5,7 @@ reads the backend's own `emloop_forward_seconds_total` counter around each reque
 the share of latency spent outside the network's forward pass (image decode, normalising,
 softmax, argmax, scoring, RLE, JSON, HTTP) is measured side by side in one run.
 
-    .venv/bin/python benchmarks/bench_predict.py [--repeat 15] [--image PATH] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_predict [--repeat 15] [--image PATH] [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ import requests
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from devtools.local_stack import BackendServer
+from sdk.synthetic import synthetic_em
 
-from devtools.local_stack import BackendServer  # noqa: E402
-from sdk.synthetic import synthetic_em  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VNC_SLICE = ROOT.parent / "shared" / "data" / "vnc" / "stack1" / "raw" / "00.tif"
 CONFIG = (

@@ -6,7 +6,7 @@ median of N repeats (fewer for calls over 100 ms), interleaving implementations.
 on the whole job, including the flatten/repeat-to-RGBA and alpha slicing that the SDK and Rust
 APIs leave to the caller.
 
-    .venv/bin/python benchmarks/bench_rle.py [--repeat N] [--slow-repeat M] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_rle [--repeat N] [--slow-repeat M] [--json PATH]
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from label_studio_sdk.converter import brush as ls_brush
+
+from sdk.brush import mask_to_rle, rle_to_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from label_studio_sdk.converter import brush as ls_brush  # noqa: E402
-
-from sdk.brush import mask_to_rle, rle_to_mask  # noqa: E402
 
 try:
     import label_studio_brush_rle_rs as rs_brush

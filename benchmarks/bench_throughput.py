@@ -22,7 +22,7 @@ segmentation Zarr to Zarr, and training patches per second, side by side in one 
   bfloat16 and float16 autocast (8 tiles a pass) is float32's (`mask_agreement`), beside the
   float32 IoU that shows the masks are real segmentations.
 
-    .venv/bin/python benchmarks/bench_throughput.py [--volume-slices 32] [--train-steps 40] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_throughput [--volume-slices 32] [--train-steps 40] [--json PATH]
     # a GPU machine (issue 15's targets): --volume-slices 4096 --train-steps 1000 --repeat 50
 
 --deadline-s stops between phases; whatever finished is written.
@@ -46,23 +46,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import torch  # noqa: E402
-from bench_volume import disk_bytes, make_volume  # noqa: E402
-
-from ml_backend.inference import (  # noqa: E402
+from benchmarks.bench_volume import disk_bytes, make_volume
+from ml_backend.inference import (
     autocast_dtype,
     bfloat16_supported,
     default_tile_batch,
     mask_agreement,
     predict_image,
 )
-from ml_backend.network import UNetConfig, build_unet, cpu_name, default_device, fuse_for_inference  # noqa: E402
-from sdk.synthetic import synthetic_em  # noqa: E402
+from ml_backend.network import UNetConfig, build_unet, cpu_name, default_device, fuse_for_inference
+from sdk.synthetic import synthetic_em
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VNC_DIR = ROOT.parent / "shared" / "data" / "vnc"
 VNC_SLICE = VNC_DIR / "stack1" / "raw" / "00.tif"
@@ -242,7 +239,7 @@ def bench_train(device: torch.device, steps: int, repeat: int = 2) -> list[dict]
 def bench_agreement(device: torch.device, steps: int) -> dict:
     """Masks under each reduced precision against float32, on VNC sections' unseen halves, from
     the default network trained `steps` steps on their other halves (synthetic EM without VNC)."""
-    from ml_backend.simulation import SimConfig, load_vnc
+    from ml_backend.simulation_setup import SimConfig, load_vnc
     from ml_backend.training import TrainConfig, evaluate, fine_tune
 
     if VNC_DIR.exists():

@@ -14,7 +14,7 @@ memory (VmHWM: the most RAM the process ever held, setup included) is reported:
   --segment-slices slices (default 64, in blocks spread evenly over the whole volume; 0 = every
   slice) are segmented; the throughput is for those.
 
-    .venv/bin/python benchmarks/bench_volume.py [--sizes-gb 0.5 2] [--segment-slices 64] [--json PATH]
+    .venv/bin/python -m benchmarks.bench_volume [--sizes-gb 0.5 2] [--segment-slices 64] [--json PATH]
 
 Peak memory must not grow with the volume: both phases hold one slice/patch/block at a time.
 """
@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "volume.json"
 PLANE = 1024
@@ -170,7 +169,11 @@ def child_segment(volume_path: str, out: str, checkpoint: str, slices: int) -> d
 
 def in_child(*args: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=ROOT, check=False
+        [sys.executable, "-m", "benchmarks.bench_volume", "--child", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {args[0]} failed:\n{proc.stderr[-3000:]}")

@@ -25,8 +25,8 @@ rounds it finished; the results file is rewritten after every round, with "compl
 the end. Only the full protocol (20 sections, 2 rounds, both versions, no --set) writes the default
 results file; other runs print their table and write only to an explicit --json.
 
-    .venv/bin/python benchmarks/bench_worker_training.py          # the full measurement (`make bench`)
-    .venv/bin/python benchmarks/bench_worker_training.py --sections 4 --rounds 1 \\
+    .venv/bin/python -m benchmarks.bench_worker_training          # the full measurement (`make bench`)
+    .venv/bin/python -m benchmarks.bench_worker_training --sections 4 --rounds 1 \\
         --set before:TRAIN_MAX_STEPS=10 --set after:TRAIN_STEPS=10 --json /tmp/smoke.json   # smoke run
 """
 
@@ -52,10 +52,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from devtools.local_stack import (  # noqa: E402
+from devtools.local_stack import (
     DEFAULT_LS_BIN,
     BackendServer,
     LabelStudioServer,
@@ -65,14 +62,16 @@ from devtools.local_stack import (  # noqa: E402
     label_studio_version,
     seed_from_template,
 )
-from ml_backend.checkpoints import CheckpointStore, Version  # noqa: E402
-from ml_backend.inference import bfloat16_supported  # noqa: E402
-from ml_backend.label_config import parse_brush_target  # noqa: E402
-from ml_backend.predictions import brush_results  # noqa: E402
-from ml_backend.training import evaluate  # noqa: E402
-from sdk.atomic import atomic_write_bytes  # noqa: E402
-from sdk.cli import run_main  # noqa: E402
-from tests.helpers import BRUSH_CONFIG  # noqa: E402
+from ml_backend.checkpoints import CheckpointStore, Version
+from ml_backend.inference import bfloat16_supported
+from ml_backend.label_config import parse_brush_target
+from ml_backend.predictions import brush_results
+from ml_backend.training import evaluate
+from sdk.atomic import atomic_write_bytes
+from sdk.cli import run_main
+from tests.helpers import BRUSH_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PROG = "bench_worker_training.py"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "vnc"

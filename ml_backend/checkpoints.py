@@ -328,3 +328,63 @@ class CheckpointStore:
             atomic_write_bytes(self.root / version.file, data)
             self._write_manifest([*existing, version])
         return version
+
+
+# -- a checkpoint named by file or by project, outside serving (whole-volume segmentation) ----------
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: str
+    sha256: str
+    n_classes: int
+    labels: tuple[str, ...]  # the label config's <Label> values: class i + 1 is labels[i]
+    version: str
+
+
+def _manifest_labels(folder: Path) -> tuple[str, ...] | None:
+    try:
+        return tuple(json.loads((folder / "manifest.json").read_text())["labels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_from_file(path: str | os.PathLike[str]) -> ResolvedCheckpoint:
+    """A ``v<N>.pt`` file; class names come from the store's manifest beside it when there is one."""
+    path = Path(path).resolve()
+    net, digest = load_checkpoint(path)
+    n = net.config.n_classes
+    labels = _manifest_labels(path.parent)
+    if labels is None or len(labels) != n - 1:
+        labels = tuple(f"class {i}" for i in range(1, n))
+    return ResolvedCheckpoint(str(path), digest, n, labels, path.stem)
+
+
+def newest_checkpoint(
+    model_dir: str | os.PathLike[str], project: str, signature: str | None = None
+) -> ResolvedCheckpoint:
+    """The newest intact trained version in ``MODEL_DIR/project-<id>/<label signature>/``.
+
+    With several label signatures (the label config changed), the most recently updated one is
+    used unless ``signature`` (a prefix is enough) picks another.
+    """
+    base = Path(model_dir) / f"project-{project}"
+    stores = sorted(p for p in base.glob("*") if (p / "manifest.json").is_file())
+    if signature:
+        stores = [p for p in stores if p.name.startswith(signature)]
+    if not stores:
+        which = f" with label signature {signature!r}" if signature else ""
+        raise CheckpointError(f"no trained checkpoint for project {project}{which} under {base}")
+    folder = max(stores, key=lambda p: (p / "manifest.json").stat().st_mtime_ns)
+    labels = _manifest_labels(folder) or ()
+    store = CheckpointStore(folder, BrushTarget("", "", "", labels))
+    for version in reversed(store.versions()):
+        if version.number == 0:
+            break
+        try:
+            net = store.load(version)
+        except CheckpointError:
+            continue
+        return ResolvedCheckpoint(
+            str((folder / str(version.file)).resolve()), str(version.sha256), net.config.n_classes, labels,
+            version.name,
+        )  # fmt: skip
+    raise CheckpointError(f"no intact trained checkpoint in {folder}")

@@ -6,33 +6,35 @@ Every variable is documented in the README's Configuration table.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 # Network tiles, the one place for their defaults (`TILE_SIZE`, `TILE_OVERLAP`): every prediction,
 # evaluation, pool scoring and whole-volume segmentation starts from these.
 TILE = 1024  # tile edge: one pass covers a 1024² image
 TILE_OVERLAP = 64  # overlap of neighbouring tiles, blended
 
+T = TypeVar("T")
 
-def _int(name: str, default: int) -> int:
+
+def _parsed(name: str, default: T, parse: Callable[[str], T], what: str) -> T:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+        raise ValueError(f"environment variable {name} must be {what}, got {raw!r}") from None
+
+
+def _int(name: str, default: int) -> int:
+    return _parsed(name, default, int, "an integer")
 
 
 def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+    return _parsed(name, default, float, "a number")
 
 
 def _bool(name: str, default: bool) -> bool:

@@ -254,34 +254,28 @@ class ImageFetcher:
         restricted = bool(self.image_hosts) and not own
         if restricted and not host_allowed(urlparse(url).hostname, self.image_hosts):
             raise ImageError(f"{shorten(where)}: host not in IMAGE_HOSTS")
-        for attempt in range(2):
-            try:
-                headers = self.label_studio.auth_headers(refresh=attempt > 0) if own else {}
-            except LabelStudioError as exc:
-                raise ImageError(str(exc)) from None
-            try:
-                with self._session.get(
-                    url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=not restricted
-                ) as resp:
-                    if resp.status_code == 401 and attempt == 0 and own:
-                        continue  # a personal access token's short-lived access token expired
-                    if resp.is_redirect:
-                        raise ImageError(
-                            f"{shorten(where)}: redirects are not followed when IMAGE_HOSTS is set"
-                        )
-                    if resp.status_code in (401, 403):
-                        raise ImageError(
-                            f"{shorten(where)}: Label Studio refused the credentials"
-                            f" (HTTP {resp.status_code}); check LABEL_STUDIO_API_KEY"
-                        )
-                    if resp.status_code >= 400:
-                        raise ImageError(f"{shorten(where)}: HTTP {resp.status_code}")
-                    return self._read_limited(where, resp)
-            except requests.RequestException as exc:
-                raise ImageError(f"{shorten(where)}: cannot download ({type(exc).__name__})") from None
-        raise ImageError(
-            f"{shorten(where)}: Label Studio refused the credentials; check LABEL_STUDIO_API_KEY"
-        )
+
+        def send(headers: dict[str, str]) -> requests.Response:
+            return self._session.get(
+                url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=not restricted
+            )
+
+        try:
+            with self.label_studio.authorised(send) if own else send({}) as resp:
+                if resp.is_redirect:
+                    raise ImageError(f"{shorten(where)}: redirects are not followed when IMAGE_HOSTS is set")
+                if resp.status_code in (401, 403):
+                    raise ImageError(
+                        f"{shorten(where)}: Label Studio refused the credentials"
+                        f" (HTTP {resp.status_code}); check LABEL_STUDIO_API_KEY"
+                    )
+                if resp.status_code >= 400:
+                    raise ImageError(f"{shorten(where)}: HTTP {resp.status_code}")
+                return self._read_limited(where, resp)
+        except LabelStudioError as exc:  # the personal access token could not be exchanged
+            raise ImageError(str(exc)) from None
+        except requests.RequestException as exc:
+            raise ImageError(f"{shorten(where)}: cannot download ({type(exc).__name__})") from None
 
     def _read_limited(self, where: str, resp: requests.Response) -> bytes:
         declared = resp.headers.get("Content-Length")

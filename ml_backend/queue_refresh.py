@@ -25,7 +25,7 @@ from .config import Settings
 from .images import shared_fetcher
 from .label_config import parse_brush_target
 from .network import default_device
-from .scoring import ScoringOptions, rank_tasks
+from .ranking import ScoringOptions, rank_tasks
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,8 @@ gives a pool of 2-D patches to query, the bottom half is the test set. Each chai
 (strategy, seed) starts from the seed's initial labelled patches and initial model
 (trained once per seed and copied, so strategies compare paired), then each round
 selects ``batch`` patches with the strategy, adds them, fine-tunes from the previous
-round's weights (early stopping on a fixed validation set, within a step budget) and
-evaluates IoU on the whole test half. A model trained on the whole pool gives the
-full-supervision reference.
+round's weights for a fixed number of steps and evaluates IoU on the whole test half. A
+model trained on the whole pool gives the full-supervision reference.
 
 A strategy named ``<score strategy>+clusters`` (e.g. ``entropy+clusters``) ranks the whole
 unlabelled pool, clusters it (:func:`sdk.strategies.cluster_labels`) and takes the batch in
@@ -29,169 +28,27 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sdk.atomic import atomic_write_bytes
-from sdk.labelled_volume import Data, load_labelled_volume
+from sdk.labelled_volume import Data
 from sdk.priority import serving_order
 from sdk.strategies import (
-    SCORE_STRATEGIES,
     ceal_threshold,
-    check_strategy,
     cluster_labels,
+    get_strategy,
     select,
     select_ceal,
 )
-from sdk.tiling import parse_classes, patch_grid, read_patch
 
-from .config import TILE
-from .network import UNet, UNetConfig, build_unet
+from .network import UNet, build_unet
 from .scoring import score_pool
-from .training import TrainConfig, evaluate, fine_tune
-
-RESULTS = "results.jsonl"
-FULL = "full"  # the strategy name of the full-supervision reference rows
-CLUSTERS = "+clusters"  # strategy suffix: the batch Label Studio serves from a clustered ranking
-Row = dict
-
-
-def parse_strategy(name: str) -> tuple[str, bool]:
-    """(base strategy, served by clusters) of a simulation strategy name."""
-    base = name.removesuffix(CLUSTERS)
-    check_strategy(base)
-    if base != name and base not in SCORE_STRATEGIES:
-        raise ValueError(
-            f"{name!r}: {CLUSTERS} needs a ranking by score ({', '.join(SCORE_STRATEGIES)}); "
-            "diversity strategies spread their picks themselves"
-        )
-    return base, base != name
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Everything that changes the numbers; stored with the results so a resume cannot mix runs."""
-
-    pool_size: int = 2000
-    initial: int = 20
-    batch: int = 20
-    rounds: int = 10
-    patch: int = 128
-    base_channels: int = 4
-    depth: int = 5
-    dropout: float = 0.1
-    batch_size: int = 16
-    initial_steps: int = 1500
-    round_steps: int = 300
-    full_steps: int = 4000
-    learning_rate: float = 2e-3  # peak for the initial model and full supervision (from scratch)
-    round_learning_rate: float = 5e-4  # peak for a round's fine-tuning of the previous weights
-    # False: every round keeps its trained weights, as in the papers. True keeps the previous ones
-    # when they score better on the validation patches (the worker's safety net); with 48 patches
-    # and 2 % foreground that locked a VNC chain at its poor initial model (0.30 val, 0.15 test).
-    keep_start: bool = False
-    val_patches: int = 48
-    mc_samples: int = 8
-    ceal_delta0: float = 0.05
-    ceal_decay: float = 0.005
-    ceal_max_pseudo: int = 10
-    sections: int = 0  # 0: all sections
-    crop: int = 0  # 0: whole sections; else the top-left crop x crop of each (tests)
-    eval_tile: int = TILE
-
-    def unet(self) -> UNetConfig:
-        return UNetConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout)
-
-    def train(self, steps: int, seed: int, learning_rate: float) -> TrainConfig:
-        return TrainConfig(
-            steps=steps,
-            patch_size=self.patch,
-            batch_size=self.batch_size,
-            learning_rate=learning_rate,
-            val_crops=self.val_patches,
-            seed=seed,
-        )
-
-    def check(self) -> None:
-        if min(self.pool_size, self.initial, self.batch, self.patch, self.val_patches) < 1 or self.rounds < 0:
-            raise ValueError("pool, initial, batch, patch and val patches must be >= 1, rounds >= 0")
-        if self.initial + self.batch * self.rounds > self.pool_size:
-            raise ValueError(
-                f"initial + batch * rounds = {self.initial + self.batch * self.rounds} exceeds the pool "
-                f"of {self.pool_size} patches"
-            )
-        if self.patch % 2**self.depth:
-            raise ValueError(f"patch {self.patch} must be a multiple of 2**depth = {2**self.depth}")
-
-
-VNC_CLASSES = "mitochondria=1-255"  # VNC's masks: modes "1" (0/1) and "L" (0/255 and stray greys)
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """The labelled volume of a run, as paths: worker processes load it themselves."""
-
-    raw: str
-    labels: str
-    classes: str | None = None  # a `parse_classes` spec; None: each non-zero label value is a class
-
-    def load(self, config: SimConfig) -> Data:
-        classes = None if self.classes is None else parse_classes(self.classes)
-        return load_labelled_volume(
-            self.raw, self.labels, classes, sections=config.sections, crop=config.crop, patch=config.patch
-        )
-
-
-def vnc_source(vnc_dir: Path) -> DataSource:
-    """Stack 1 of the VNC data: raw TIFFs and mitochondria PNG masks."""
-    stack = Path(vnc_dir) / "stack1"
-    for sub in ("raw", "mitochondria"):
-        if not (stack / sub).is_dir():
-            raise FileNotFoundError(f"VNC data not found: {stack / sub} is not a folder")
-    return DataSource(str(stack / "raw"), str(stack / "mitochondria"), VNC_CLASSES)
-
-
-def load_vnc(vnc_dir: Path, config: SimConfig) -> Data:
-    """Stack 1 of the VNC data (mitochondria against the rest), split along y."""
-    return vnc_source(vnc_dir).load(config)
-
-
-@dataclass
-class Pool:
-    """One seed's pool and validation patches (disjoint grid positions of the query half)."""
-
-    images: np.ndarray  # (n, p, p), the raw dtype
-    masks: np.ndarray  # (n, p, p) uint8 class ids
-    positions: np.ndarray  # (n, 3) section, y, x of each patch's corner
-    val_images: list[np.ndarray]
-    val_masks: list[np.ndarray]
-
-
-def make_pool(data: Data, config: SimConfig, seed: int) -> Pool:
-    """Random positions on a half-overlapping grid; the validation patches are never queried."""
-    grid = patch_grid(data.train_raw.shape, "z", config.patch, stride=max(1, config.patch // 2))
-    need = config.pool_size + config.val_patches
-    if need > len(grid):
-        raise ValueError(f"pool + validation = {need} patches, but the query half holds only {len(grid)}")
-    order = np.random.default_rng([seed, 7]).permutation(len(grid))[:need]
-    patches = [grid[i] for i in order]
-    images = np.stack([read_patch(data.train_raw, p) for p in patches])
-    masks = np.stack([read_patch(data.train_mask, p) for p in patches])
-    positions = np.array([(p.slice_index, p.y, p.x) for p in patches], dtype=np.int64)
-    v = config.val_patches
-    return Pool(images[v:], masks[v:], positions[v:], list(images[:v]), list(masks[:v]))
-
-
-def near_fraction(positions: np.ndarray, patch: int) -> float:
-    """Fraction of patches overlapping another one in the same or an adjacent section: the
-    near-duplicates a batch should not spend labels on."""
-    d = np.abs(positions[:, None, :] - positions[None, :, :])
-    near = (d[..., 0] <= 1) & (d[..., 1] < patch) & (d[..., 2] < patch)
-    np.fill_diagonal(near, False)
-    return float(near.any(axis=1).mean()) if len(positions) else 0.0
+from .simulation_setup import FULL, RESULTS, Pool, Row, SimConfig, make_pool, near_fraction, parse_strategy
+from .training import evaluate, fine_tune
 
 
 def batch_diversity(embeddings: np.ndarray, clusters: np.ndarray, picked: np.ndarray) -> dict:
@@ -390,7 +247,8 @@ class Simulation:
         taken = set(labeled)
         rest = np.array([i for i in range(len(pool.images)) if i not in taken], dtype=np.int64)
         k, select_seed = min(cfg.batch, len(rest)), seed * 1000 + round_
-        if strategy == "random":
+        spec = get_strategy(strategy)
+        if not spec.needs_model_outputs:
             return rest[select("random", k, n=len(rest), seed=select_seed)].tolist(), [], [], {}
         common = {"mc_samples": cfg.mc_samples, "batch_size": 16, "device": self.device, "progress": False}
         scores = score_pool(
@@ -410,7 +268,7 @@ class Simulation:
             diversity = batch_diversity(scores.embeddings, clusters, sel.query)
             return rest[sel.query].tolist(), rest[sel.pseudo].tolist(), labels, diversity
         labeled_emb = None
-        if strategy in ("coreset", "hybrid"):
+        if spec.uses_labeled_embeddings:
             labeled_emb = score_pool(net, pool.images[labeled], None, **common).embeddings
         ranked = len(rest) if clustered else k  # Label Studio serves from the whole ranked queue
         picked = scores.select(strategy, ranked, labeled_embeddings=labeled_emb, seed=select_seed)
@@ -470,73 +328,3 @@ class Simulation:
         keys = [(s, seed, r) for r in range(self.config.rounds + 1) for seed in seeds for s in strategies]
         keys += [(FULL, seed, 0) for seed in seeds if full]
         return sum(k in self.done for k in keys), len(keys)
-
-
-def config_fields() -> list[str]:
-    """SimConfig's field names (the CLI maps its options onto them)."""
-    return [f.name for f in fields(SimConfig)]
-
-
-# -- several processes ------------------------------------------------------------------------
-# Chains are independent once their seed's initial model exists, so a run spreads them over
-# processes (one torch thread each): on a 2-core machine two processes finish ~2x sooner than
-# one process with two threads. Each process appends its own rows to results.jsonl (one small
-# write per row, atomic with O_APPEND) and saves its own chains' state files.
-COST = {"bald": 3.0, "hybrid": 1.6, "coreset": 1.5, "kmeans": 1.4, FULL: 2.0}  # rough, for ordering
-
-_worker: Simulation | None = None
-
-
-def _run_task(task: tuple[Path, SimConfig, DataSource, int, str, str, int]) -> None:
-    """One seed's initial model or one chain, in a worker process (set up on its first task,
-    so a setup error reaches the caller instead of a pool that respawns failing workers)."""
-    global _worker
-    out, config, source, threads, device, strategy, seed = task
-    if _worker is None:
-        torch.set_num_threads(threads)
-        _worker = Simulation(out, config, source.load(config), device=torch.device(device))
-    if strategy == "initial":
-        _worker.initial(seed)
-    else:
-        _worker.chain(strategy, seed)
-
-
-def run_parallel(
-    out: Path,
-    config: SimConfig,
-    source: DataSource,
-    strategies: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    jobs: int,
-    threads: int = 1,
-    device: str = "cpu",
-    full: bool = True,
-    on_poll: Callable[[], None] | None = None,
-) -> None:
-    """`Simulation.run` over `jobs` processes (on a GPU they share it): the seeds' initial
-    models, then every chain."""
-    import multiprocessing
-
-    for strategy in strategies:
-        parse_strategy(strategy)
-    done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(Path(out) / RESULTS)}
-    rounds = {FULL: [0]}
-    chains = [
-        (s, seed)
-        for seed in seeds
-        for s in [*strategies, *([FULL] if full else [])]
-        if any((s, seed, r) not in done for r in rounds.get(s, range(config.rounds + 1)))
-    ]  # finished chains need neither their state files nor the initial model
-    initial = sorted({("initial", seed) for _, seed in chains})
-    chains.sort(key=lambda t: -COST.get(t[0], 1.0))  # longest first: the last process idles least
-    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    common = (Path(out), config, source, threads, device)
-    with context.Pool(jobs) as pool:
-        for tasks in (initial, chains):
-            result = pool.map_async(_run_task, [(*common, *t) for t in tasks], chunksize=1)
-            while not result.ready():
-                result.wait(5)
-                if on_poll:
-                    on_poll()
-            result.get()  # re-raises a worker's error

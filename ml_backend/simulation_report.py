@@ -12,7 +12,7 @@ import numpy as np
 
 from sdk.strategies import STRATEGIES
 
-from .simulation import FULL
+from .simulation_setup import FULL
 
 
 def curves(rows: list[dict]) -> tuple[dict[str, dict[int, dict[int, float]]], dict[int, float]]:

@@ -23,7 +23,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 
-from sdk.strategies import STRATEGIES
+from sdk.strategies import get_strategy
 
 from .config import Settings
 from .training_queue import retry_interrupted
@@ -52,10 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
-    if settings.queue_strategy not in (*STRATEGIES, "off"):
-        parser.error(
-            f"QUEUE_STRATEGY must be off or one of {', '.join(STRATEGIES)}, got {settings.queue_strategy!r}"
-        )
+    try:
+        if settings.queue_strategy != "off":
+            get_strategy(settings.queue_strategy)
+    except ValueError as exc:
+        parser.error(f"QUEUE_STRATEGY must be off or a strategy: {exc}")
     redis = Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue_name, connection=redis)
     worker = SimpleWorker([queue], connection=redis, name=args.name)

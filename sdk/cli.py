@@ -25,10 +25,15 @@ def run_main(
     action: Callable[[], str | None],
     *,
     input_errors: tuple[type[BaseException], ...],
+    failures: tuple[type[BaseException], ...] = (),
     interrupted: str = "interrupted",
     url: str | None = None,
 ) -> int:
-    """Run `action`; print its summary (if any) or its failure as one line on stderr."""
+    """Run `action`; print its summary (if any) or its failure as one line on stderr.
+
+    `failures` are runtime failures whose message already says what failed (printed as it is);
+    any other exception is printed with its type.
+    """
     try:
         summary = action()
     except input_errors as exc:
@@ -37,6 +42,9 @@ def run_main(
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    except failures as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if os.environ.get("EMLOOP_TRACEBACK"):
             raise

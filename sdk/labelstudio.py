@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +102,25 @@ class LabelStudioAPI:
         return (a.scheme, a.netloc) == (b.scheme, b.netloc)
 
     # -- requests --------------------------------------------------------------------------
+    def authorised(self, send: Callable[[dict[str, str]], requests.Response]) -> requests.Response:
+        """`send(headers)` with this server's credentials, and once more with a fresh access token
+        when a personal access token's short-lived one has expired (HTTP 401)."""
+        resp = send(self.auth_headers())
+        if resp.status_code == 401 and is_personal_access_token(self.api_key):
+            resp.close()
+            resp = send(self.auth_headers(refresh=True))
+        return resp
+
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """`path` relative to the server (``/api/...``) or absolute on it; raises LabelStudioError."""
         url = path if path.startswith("http") else f"{self.url}/{path.lstrip('/')}"
         kwargs.setdefault("timeout", self.timeout)
-        for attempt in range(2):
-            try:
-                resp = self.session.request(method, url, headers=self.auth_headers(attempt > 0), **kwargs)
-            except requests.RequestException as exc:
-                raise LabelStudioError(f"cannot reach {url} ({type(exc).__name__})") from None
-            if resp.status_code == 401 and attempt == 0 and is_personal_access_token(self.api_key):
-                continue
-            break
+        try:
+            resp = self.authorised(
+                lambda headers: self.session.request(method, url, headers=headers, **kwargs)
+            )
+        except requests.RequestException as exc:
+            raise LabelStudioError(f"cannot reach {url} ({type(exc).__name__})") from None
         if resp.status_code in (401, 403):
             raise LabelStudioError(
                 f"Label Studio refused the credentials for {url} (HTTP {resp.status_code});"

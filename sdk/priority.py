@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import numpy as np
 from PIL import Image
 
-from sdk.strategies import COLD_START_STRATEGIES, SCORE_STRATEGIES, STRATEGIES
+from sdk.strategies import SCORE_STRATEGIES, check_cold_start, get_strategy
 
 PRIORITY_FIELD = "priority"  # task data: 1 = label first
 HEATMAP_FIELD = "uncertainty"  # task data: data URI of the heat map
@@ -101,15 +101,11 @@ def choose_strategy(
     random-but-biased batch; before the first training round only the strategies of
     :data:`COLD_START_STRATEGIES` (diversity over embeddings, or random) make sense.
     """
-    if requested not in STRATEGIES:
-        raise ValueError(f"unknown strategy {requested!r}; valid strategies: {', '.join(STRATEGIES)}")
-    if cold_start not in COLD_START_STRATEGIES:
-        raise ValueError(
-            f"cold-start strategy must be one of {', '.join(COLD_START_STRATEGIES)}, got {cold_start!r}"
-        )
+    spec = get_strategy(requested)
+    check_cold_start(cold_start)
     if trained:
         return requested, f"strategy {requested!r} with model {version}"
-    if requested in COLD_START_STRATEGIES:
+    if spec.cold_start:
         return requested, (
             f"cold start: model {version} is untrained; {requested!r} needs no trained model"
             " (embeddings of the untrained network)"

@@ -26,7 +26,7 @@ from devtools.local_stack import (
     seed_from_template,
 )
 
-from .helpers import UNIT_REDIS_URL
+from .helpers import STACK_REDIS_DB, UNIT_REDIS_URL, claim_database, release_database, with_database
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -74,24 +74,30 @@ def vnc_dir(repo_root: Path) -> Path:
 @pytest.fixture(scope="module")
 def redis() -> Iterator[Redis]:
     """Database 15 of the local Redis, for unit tests of Redis-backed state."""
-    conn = Redis.from_url(UNIT_REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
     try:
-        conn.ping()
-    except RedisError as exc:
-        unavailable(f"no Redis at {UNIT_REDIS_URL}: {exc}")
+        conn = claim_database(UNIT_REDIS_URL)
+    except (RedisError, RuntimeError) as exc:
+        unavailable(f"no Redis database for the unit tests at {UNIT_REDIS_URL}: {exc}")
     yield conn
-    conn.close()
+    release_database(conn)
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """URL of a Redis that answers: ``$REDIS_URL``/127.0.0.1:6379, or a private one we start."""
+    """A Redis that answers (``$REDIS_URL``/127.0.0.1:6379, or a private one we start), at database
+    STACK_REDIS_DB, which the session empties at its end."""
     try:
         handle = ensure_redis(os.environ.get("REDIS_URL"))
     except (RuntimeError, ConnectionError) as exc:
         unavailable(f"no Redis: {exc}")
+    url = with_database(handle.url, STACK_REDIS_DB)
     with handle:
-        yield handle.url
+        try:
+            conn = claim_database(url)
+        except (RedisError, RuntimeError) as exc:
+            unavailable(str(exc))
+        yield url
+        release_database(conn)
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from PIL import Image
+from redis import Redis
+from redis.exceptions import RedisError
 
 from devtools.local_stack import REPO_ROOT
 from ml_backend.checkpoints import CheckpointStore, Version
@@ -18,6 +22,39 @@ from ml_backend.training import TrainConfig, fine_tune
 from sdk.synthetic import synthetic_em
 
 UNIT_REDIS_URL = "redis://127.0.0.1:6379/15"  # unit tests' database, apart from the stack's
+# The database the stack tests (backends, workers, the demo) use on the machine's Redis, apart from
+# the user's own data in database 0: it is emptied when the session ends.
+STACK_REDIS_DB = int(os.environ.get("EMLOOP_TEST_REDIS_DB", "14"))
+OWNED_MARK = "emloop:tests:owned"  # set in a database the tests use, which they may empty
+
+
+def with_database(url: str, db: int) -> str:
+    """`url` pointing at Redis database `db`."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def claim_database(url: str) -> Redis:
+    """`url`'s database for the tests, to be emptied by `release_database` afterwards, so a test
+    run leaves nothing behind (no training state, no RQ worker registrations). A database holding
+    keys the tests did not write is refused (RuntimeError), never emptied."""
+    conn = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    if conn.dbsize() and not conn.exists(OWNED_MARK):
+        conn.close()
+        raise RuntimeError(
+            f"Redis database {url} holds keys emloop's tests did not write; point the tests at a free"
+            " database with EMLOOP_TEST_REDIS_DB (stack tests) or empty it"
+        )
+    conn.set(OWNED_MARK, "1")
+    return conn
+
+
+def release_database(conn: Redis) -> None:
+    with suppress(RedisError):
+        if conn.exists(OWNED_MARK):
+            conn.flushdb()
+    conn.close()
+
 
 BRUSH_CONFIG = (
     '<View><Image name="em" value="$img" zoom="true"/>'

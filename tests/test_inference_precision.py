@@ -18,7 +18,7 @@ from ml_backend.inference import (
     predict_image,
 )
 from ml_backend.network import UNetConfig, build_unet
-from ml_backend.simulation import SimConfig, load_vnc
+from ml_backend.simulation_setup import SimConfig, load_vnc
 from ml_backend.training import TrainConfig, evaluate, fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

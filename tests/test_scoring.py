@@ -17,15 +17,8 @@ from ml_backend.images import ImageError
 from ml_backend.inference import normalize_image, predict_image
 from ml_backend.label_config import parse_brush_target
 from ml_backend.network import UNetConfig, build_unet
-from ml_backend.scoring import (
-    PoolScores,
-    RankedTask,
-    Ranking,
-    ScoringOptions,
-    rank_tasks,
-    score_kind,
-    score_pool,
-)
+from ml_backend.ranking import RankedTask, Ranking, ScoringOptions, rank_tasks
+from ml_backend.scoring import PoolScores, score_kind, score_pool
 from sdk import priority
 from sdk.queue_order import write_order
 from sdk.strategies import SCORE_STRATEGIES, cluster_labels, image_score, score, select
@@ -40,11 +33,13 @@ TINY = UNetConfig(n_classes=3, base_channels=4, depth=2)
 @pytest.fixture(scope="module")
 def net():
     model = build_unet(TINY, seed=3)
-    # Non-trivial BatchNorm statistics, so the untrained network's outputs vary between images.
+    # Non-trivial BatchNorm statistics, so the untrained network's outputs vary between images;
+    # drawn from their own generator, so earlier tests' use of torch's global one changes nothing.
+    generator = torch.Generator().manual_seed(3)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 1.5)
+            module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+            module.running_var.uniform_(0.5, 1.5, generator=generator)
     return model
 
 

@@ -122,6 +122,18 @@ def test_predict_local_image(client: FlaskClient, image_path: str) -> None:
     assert prediction["score"] == pytest.approx(confidence_score(probs), abs=1e-4)
 
 
+def test_the_envelope_names_the_version_the_predictions_came_from(
+    client: FlaskClient, image_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version loaded while a request predicts must not relabel that request's predictions."""
+    from ml_backend.model import EMSegmentationModel
+
+    monkeypatch.setattr(EMSegmentationModel, "model_version", property(lambda self: "v99-loaded-meanwhile"))
+    body = predict(client, [{"id": 1, "data": {"image": image_path}}]).get_json()
+    assert body["results"][0]["model_version"] == version_name(0, TARGET)
+    assert body["model_version"] == body["results"][0]["model_version"]
+
+
 def test_predict_serves_new_checkpoint_and_regions_match(
     client: FlaskClient, image_path: str, tmp_path: Path
 ) -> None:

@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from sdk import strategies as st
-from sdk.strategies import _common
+from sdk.strategies import (
+    COLD_START_STRATEGIES,
+    SCORE_STRATEGIES,
+    STRATEGIES,
+    _common,
+    check_cold_start,
+    get_strategy,
+    select,
+)
 
 LN2 = math.log(2)
 
@@ -420,3 +428,43 @@ def test_hybrid_prefers_more_uncertain_at_equal_distance():
     assert st.select("hybrid", 2, scores=scores, embeddings=emb).tolist() == [0, 2]
     with pytest.raises(ValueError, match="non-negative"):
         st.select("hybrid", 1, scores=-scores, embeddings=emb)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+def _inputs_for(spec, rng: np.random.Generator, n: int = 12) -> dict:
+    """Exactly the inputs the registry says a strategy needs (precomputed scores for uncertainty)."""
+    inputs: dict = {}
+    if spec.ranks_by_uncertainty:
+        inputs["scores"] = rng.random(n)
+    if spec.needs_embeddings:
+        inputs["embeddings"] = rng.normal(size=(n, 5))
+    if spec.uses_labeled_embeddings:
+        inputs["labeled_embeddings"] = rng.normal(size=(3, 5))
+    if not spec.needs_model_outputs:
+        inputs["n"] = n
+    return inputs
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_each_strategy_selects_from_what_the_registry_says_it_needs(name: str) -> None:
+    spec = get_strategy(name)
+    inputs = _inputs_for(spec, np.random.default_rng(0))
+    picked = select(name, 4, seed=0, **inputs)
+    assert len(set(picked.tolist())) == 4
+    for needed in ("scores", "embeddings"):
+        if needed in inputs:
+            with pytest.raises(ValueError):
+                select(name, 4, seed=0, **{k: v for k, v in inputs.items() if k != needed})
+
+
+def test_registry_facts() -> None:
+    assert set(COLD_START_STRATEGIES) == {s for s in STRATEGIES if get_strategy(s).cold_start}
+    assert [get_strategy(s).uncertainty() for s in SCORE_STRATEGIES] == list(SCORE_STRATEGIES)
+    assert get_strategy("hybrid").uncertainty("bald") == "bald"
+    assert get_strategy("kmeans").uncertainty() is None and not get_strategy("random").needs_model_outputs
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; valid strategies: random, entropy"):
+        get_strategy("nope")
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        get_strategy("ceal").uncertainty("kmeans")
+    with pytest.raises(ValueError, match="cold-start strategy must be one of kmeans, coreset, random"):
+        check_cold_start("entropy")

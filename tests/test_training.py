@@ -447,3 +447,27 @@ def test_validation_iou_decides_and_the_loss_breaks_ties() -> None:
     x, y = torch.zeros(3, 1, 32, 32), torch.zeros(3, 32, 32, dtype=torch.long)
     iou, negative_loss = validation_score(net, x, y, chunk=2)
     assert iou == 0.0 and negative_loss < 0  # no foreground to score: only the loss counts
+
+
+def test_the_workers_held_out_evaluation_tiles_like_the_backend(tmp_path, monkeypatch) -> None:
+    """TILE_SIZE and TILE_OVERLAP reach the held-out IoU before and after a run, as /predict sees it."""
+    import ml_backend.train_job as train_job
+    from ml_backend.config import Settings
+
+    images, masks = zip(*(discs(seed, 48) for seed in range(6)), strict=True)
+    data = train_job.TrainingSet(TARGET, list(images), list(masks), list(range(1, 7)))
+    monkeypatch.setattr(train_job, "fetch_training_set", lambda project, settings: data)
+    seen: list[dict] = []
+    real = train_job.evaluate
+    monkeypatch.setattr(train_job, "evaluate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    settings = Settings(
+        model_dir=tmp_path,
+        tile_size=32,
+        tile_overlap=8,
+        train_steps=2,
+        train_patch_size=32,
+        train_batch_size=2,
+    )
+    record = train_job.train_project("3", settings)
+    assert record["metrics"]["n_holdout"] >= 1
+    assert seen == [{"tile": 32, "overlap": 8}] * 2

@@ -81,6 +81,15 @@ class Loop:
     def versions(self) -> list[dict]:
         return manifest(self.model_dir, self.project.id)
 
+    def wait_for_step(self, step: int) -> None:
+        """Until the running training job reports `step` steps done."""
+        wait_for(
+            f"training step {step}",
+            lambda: (self.status().get("progress") or {}).get("step", 0) >= step,
+            timeout=180,
+            every=0.2,
+        )
+
     def wait_versions(self, n: int, timeout: float = 400) -> list[dict]:
         return wait_for(
             f"{n} checkpoint versions", lambda: len(self.versions()) >= n and self.versions(), timeout
@@ -279,12 +288,7 @@ def test_annotation_during_training_gets_a_follow_up_run(
     loop.worker()
     for i in range(5):
         loop.annotate(i)
-    wait_for(
-        "the first run to be training",
-        lambda: (loop.status().get("progress") or {}).get("step", 0) >= 1,
-        timeout=180,
-        every=0.2,
-    )
+    loop.wait_for_step(1)
     late_task = loop.task_ids[7]
     loop.annotate(7)
     versions = loop.wait_versions(3)
@@ -304,12 +308,7 @@ def test_killed_worker_is_retried_once_and_serving_untouched(
     worker = loop.worker()
     for i in range(5):
         loop.annotate(i)
-    wait_for(
-        "training progress",
-        lambda: (loop.status().get("progress") or {}).get("step", 0) >= 10,
-        timeout=180,
-        every=0.2,
-    )
+    loop.wait_for_step(10)
     dead = loop.status()["job_id"]
     worker.kill(signal.SIGKILL)
     worker.wait(timeout=30)

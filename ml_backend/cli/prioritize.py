@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -42,15 +42,23 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from ml_backend.config import Settings
+from ml_backend.jobs import JobFailed, wait_for_job
 from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target
-from sdk.cli import prog_name
+from sdk.cli import prog_name, run_main
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
 from sdk.priority import HEATMAP_FIELD
 from sdk.queue_order import TaskRef, project_pool, write_order
-from sdk.strategies import COLD_START_STRATEGIES, REDUCTIONS, SCORE_STRATEGIES, STRATEGIES
+from sdk.strategies import (
+    COLD_START_STRATEGIES,
+    REDUCTIONS,
+    STRATEGIES,
+    check_cold_start,
+    check_uncertainty,
+    get_strategy,
+)
 
 if TYPE_CHECKING:  # torch-heavy: imported when scoring starts, so usage errors answer fast
-    from ml_backend.scoring import Ranking, ScoringOptions
+    from ml_backend.ranking import Ranking, ScoringOptions
 
 PROG = prog_name("prioritize")
 log = logging.getLogger(PROG)
@@ -121,20 +129,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {args.strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
-    if args.cold_start not in COLD_START_STRATEGIES:
-        raise UsageError(
-            f"--cold-start must be one of {', '.join(COLD_START_STRATEGIES)}, got {args.cold_start!r}"
-        )
+    try:
+        get_strategy(args.strategy)
+        check_cold_start(args.cold_start)
+        check_uncertainty(args.uncertainty)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}")
     if args.reduction not in REDUCTIONS:
         raise UsageError(f"--reduction must be one of {', '.join(REDUCTIONS)}, got {args.reduction!r}")
-    if args.uncertainty not in SCORE_STRATEGIES:
-        raise UsageError(
-            f"--uncertainty must be one of {', '.join(SCORE_STRATEGIES)}, got {args.uncertainty!r}"
-        )
     if args.mc_samples < 1 or args.batch_size < 1:
         raise UsageError("--mc-samples and --batch-size must be at least 1")
 
@@ -146,7 +150,7 @@ def say(message: str) -> None:
 # -- reading Label Studio ------------------------------------------------------------------------------
 # -- ranking -----------------------------------------------------------------------------------------------
 def scoring_options(args: argparse.Namespace, settings: Settings) -> ScoringOptions:
-    from ml_backend.scoring import ScoringOptions
+    from ml_backend.ranking import ScoringOptions
 
     return ScoringOptions(
         mc_samples=args.mc_samples,
@@ -170,7 +174,7 @@ def rank_here(
     from ml_backend.checkpoints import CheckpointStore
     from ml_backend.images import ImageFetcher
     from ml_backend.network import default_device
-    from ml_backend.scoring import rank_tasks
+    from ml_backend.ranking import rank_tasks
 
     store = CheckpointStore.for_settings(settings, str(project_id), target)
     if not store.root.exists():
@@ -210,9 +214,8 @@ def rank_on_worker(
     from redis import Redis
     from redis.exceptions import RedisError
     from rq import Queue, Worker
-    from rq.job import JobStatus
 
-    from ml_backend.scoring import Ranking, rank_tasks_job
+    from ml_backend.ranking import Ranking, rank_tasks_job
 
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
@@ -243,30 +246,22 @@ def rank_on_worker(
         description=f"prioritize project {project_id} ({args.strategy})",
     )
     say(f"scoring {len(pool)} unlabeled tasks on a worker (job {job.id})")
-    deadline = time.monotonic() + args.timeout + 60
-    bar, stage = None, None
+    bar: tqdm | None = None
+
+    def show(meta: dict) -> None:
+        nonlocal bar
+        progress = meta.get("progress")
+        if not progress or args.quiet:
+            return
+        if bar is None or bar.desc != f"worker: {progress['stage']}":
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=progress["total"], desc=f"worker: {progress['stage']}", unit="img")
+        bar.n = progress["done"]
+        bar.refresh()
+
     try:
-        while True:
-            status = job.get_status(refresh=True)
-            if status == JobStatus.FINISHED:
-                break
-            if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                result = job.latest_result()
-                reason = (result.exc_string or "").strip().splitlines() if result else []
-                raise Failure(f"worker job {job.id} {status.value}: {reason[-1] if reason else 'no details'}")
-            if time.monotonic() > deadline:
-                job.cancel()
-                raise Failure(f"worker job {job.id} did not finish within {args.timeout} s (--timeout)")
-            progress = job.get_meta(refresh=True).get("progress")
-            if progress and not args.quiet:
-                if progress["stage"] != stage:
-                    if bar is not None:
-                        bar.close()
-                    stage = progress["stage"]
-                    bar = tqdm(total=progress["total"], desc=f"worker: {stage}", unit="img")
-                bar.n = progress["done"]
-                bar.refresh()
-            time.sleep(0.5)
+        wait_for_job(job, timeout=args.timeout + 60, on_meta=show)
     except KeyboardInterrupt:
         job.cancel()
         raise
@@ -321,7 +316,7 @@ def report(
         print(f"{row['rank']:>4}  {row['task']:>8}  {value:>12}  {row['image']}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> None:
     check_args(args)
     try:
         settings = Settings.from_env()
@@ -344,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not pool:
         say("nothing to prioritise: no unlabeled tasks")
-        from ml_backend.scoring import Ranking
+        from ml_backend.ranking import Ranking
 
         ranking = Ranking("", True, args.strategy, args.strategy, "no unlabeled tasks", 0, [])
     elif args.via_worker:
@@ -373,28 +368,16 @@ def run(args: argparse.Namespace) -> int:
             say=say,
         ).version
     report(args, args.project, ranking, len(labeled), urls, name)
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(message)s")
-    try:
-        return run(args)
-    except UsageError as exc:
-        say(f"error: {exc}")
-        return 2
-    except (Failure, LabelStudioError) as exc:
-        say(f"error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        say("interrupted")
-        return 130
-    except Exception as exc:  # a model or image problem: one line, not a traceback
-        from ml_backend.checkpoints import CheckpointError
-        from ml_backend.images import ImageError
-
-        if isinstance(exc, (CheckpointError, ImageError, ValueError, OSError)):
-            say(f"error: {type(exc).__name__}: {exc}")
-            return 1
-        raise
+    url = os.environ.get("LABEL_STUDIO_URL", "http://localhost:8080")
+    return run_main(
+        PROG,
+        lambda: run(args),
+        input_errors=(UsageError,),
+        failures=(Failure, JobFailed, LabelStudioError),
+        url=url,
+    )

@@ -27,22 +27,23 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ml_backend.checkpoints import CheckpointError
+from ml_backend.checkpoints import (
+    CheckpointError,
+    ResolvedCheckpoint,
+    checkpoint_from_file,
+    newest_checkpoint,
+)
 from ml_backend.config import TILE, TILE_OVERLAP
 from ml_backend.label_config import LabelConfigError
 from ml_backend.network import default_device
+from ml_backend.segmentation_jobs import enqueue_blocks, wait_for_jobs
 from ml_backend.volume_segmentation import (
     Progress,
-    ResolvedCheckpoint,
     SegmentationPlan,
     cached_network,
-    checkpoint_from_file,
-    enqueue_blocks,
-    newest_checkpoint,
     output_format,
     prepare_output,
     run_blocks,
-    wait_for_jobs,
 )
 from sdk.cli import prog_name, run_main
 from sdk.postprocess import connected_components, write_stats_csv

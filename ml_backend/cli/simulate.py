@@ -64,16 +64,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ml_backend.network import cpu_name, default_device
-from ml_backend.simulation import (
-    RESULTS,
-    DataSource,
-    SimConfig,
-    Simulation,
-    read_results,
-    run_parallel,
-    vnc_source,
-)
+from ml_backend.simulation import Simulation, read_results
 from ml_backend.simulation_report import markdown, plot, run_summary, write_csv
+from ml_backend.simulation_runner import run_parallel
+from ml_backend.simulation_setup import RESULTS, DataSource, SimConfig, vnc_source
 from sdk.cli import prog_name, run_main
 from sdk.strategies import STRATEGIES
 

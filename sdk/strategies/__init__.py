@@ -51,9 +51,17 @@ from .diversity import (
     kmeans_select,
 )
 from .hybrid import hybrid_select
-from .uncertainty import (
+from .registry import (
+    COLD_START_STRATEGIES,
     REDUCTIONS,
     SCORE_STRATEGIES,
+    STRATEGIES,
+    Strategy,
+    check_cold_start,
+    check_uncertainty,
+    get_strategy,
+)
+from .uncertainty import (
     image_score,
     pixel_bald,
     pixel_entropy,
@@ -70,6 +78,10 @@ __all__ = [
     "SCORE_STRATEGIES",
     "STRATEGIES",
     "CealSelection",
+    "Strategy",
+    "check_cold_start",
+    "check_uncertainty",
+    "get_strategy",
     "ceal_pseudo_labels",
     "ceal_threshold",
     "cluster_count",
@@ -90,35 +102,10 @@ __all__ = [
     "select_ceal",
 ]
 
-STRATEGIES = (
-    "random",
-    "entropy",
-    "least_confidence",
-    "margin",
-    "bald",
-    "kmeans",
-    "coreset",
-    "ceal",
-    "hybrid",
-)
-COLD_START_STRATEGIES = ("kmeans", "coreset", "random")
-
-_REDUCTION_OPTIONS = frozenset({"reduction", "region_size", "region_quantile"})
-_OPTIONS: dict[str, frozenset[str]] = {
-    "random": frozenset({"n"}),
-    **{name: _REDUCTION_OPTIONS for name in SCORE_STRATEGIES},
-    "kmeans": frozenset({"n_init"}),
-    "coreset": frozenset(),
-    "ceal": _REDUCTION_OPTIONS | {"uncertainty"},
-    "hybrid": _REDUCTION_OPTIONS | {"uncertainty", "beta"},
-}
-
 
 def check_strategy(strategy: str) -> str:
     """`strategy` itself, or a ValueError naming the valid ones."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)}")
-    return strategy
+    return get_strategy(strategy).name
 
 
 def _pool_size(inputs: dict[str, Any]) -> tuple[dict[str, np.ndarray], int | None]:
@@ -158,10 +145,11 @@ def select(
     hybrid; default "entropy"), ``beta`` (hybrid, default 5), ``n_init`` (kmeans,
     default 3), ``n`` (random). Unknown options raise ``ValueError``.
     """
-    name = check_strategy(strategy)
-    unknown = sorted(set(options) - _OPTIONS[name])
+    spec = get_strategy(strategy)
+    name = spec.name
+    unknown = sorted(set(options) - spec.options)
     if unknown:
-        allowed = ", ".join(sorted(_OPTIONS[name])) or "none"
+        allowed = ", ".join(sorted(spec.options)) or "none"
         raise ValueError(f"unknown option(s) for {name!r}: {', '.join(unknown)} (allowed: {allowed})")
     arrays, n = _pool_size({"probs": probs, "mc_probs": mc_probs, "embeddings": embeddings, "scores": scores})
 
@@ -174,7 +162,7 @@ def select(
             raise ValueError("random needs the pool size: pass any input array or n=")
         return random_select(n, k, seed=seed)
 
-    if name in ("kmeans", "coreset", "hybrid") and embeddings is None:
+    if spec.needs_embeddings and embeddings is None:
         raise ValueError(f"{name} needs embeddings (N, D)")
     if name == "kmeans":
         return kmeans_select(arrays["embeddings"], k, seed=seed, **options)
@@ -186,7 +174,7 @@ def select(
     if scores is not None:
         if probs is not None or mc_probs is not None:
             raise ValueError("pass either precomputed scores or probs/mc_probs, not both")
-        if options.keys() & _REDUCTION_OPTIONS:
+        if options.keys() & {"reduction", "region_size", "region_quantile"}:
             raise ValueError("reduction options apply to probs/mc_probs, not precomputed scores")
     elif probs is None and mc_probs is None:
         need = "mc_probs (T, N, C, H, W)" if name == "bald" else "probs or mc_probs"
@@ -203,39 +191,15 @@ def select(
         )
     check_k(k, n)
     if scores is None:
-        uncertainty = options.pop("uncertainty", "entropy") if name == "ceal" else name
-        if uncertainty not in SCORE_STRATEGIES:
-            raise ValueError(f"uncertainty must be one of {SCORE_STRATEGIES}, got {uncertainty!r}")
+        uncertainty = spec.uncertainty(str(options.pop("uncertainty", "entropy")))
         scores = uncertainty_scores(uncertainty, probs=probs, mc_probs=mc_probs, **options)
     else:
         scores = arrays["scores"]
     return top_k(scores, k)
 
 
-def score(
-    strategy: str,
-    *,
-    probs: np.ndarray | None = None,
-    mc_probs: np.ndarray | None = None,
-    reduction: str = "sum",
-    region_size: int = 16,
-    region_quantile: float = 1.0,
-) -> np.ndarray:
-    """Per-sample informativeness ``(N,)`` float64, higher = more informative.
-
-    Only for strategies with a per-sample score (:data:`SCORE_STRATEGIES`); ``bald``
-    needs ``mc_probs``, the others use ``probs`` or else the MC mean.
-    """
-    name = check_strategy(strategy)
-    if name not in SCORE_STRATEGIES:
-        raise ValueError(
-            f"strategy {name!r} has no per-sample score; scored strategies: {', '.join(SCORE_STRATEGIES)}"
-        )
-    return uncertainty_scores(
-        name,
-        probs=probs,
-        mc_probs=mc_probs,
-        reduction=reduction,
-        region_size=region_size,
-        region_quantile=region_quantile,
-    )
+def score(strategy: str, **inputs: Any) -> np.ndarray:
+    """Per-sample informativeness ``(N,)`` float64, higher = more informative, for the
+    strategies with a per-sample score (:data:`SCORE_STRATEGIES`): :func:`uncertainty_scores`
+    (``probs``/``mc_probs`` and the reduction options), after the name is checked."""
+    return uncertainty_scores(check_strategy(strategy), **inputs)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._common import as_array, check_k, chunks, top_k, work_dtype
-from .uncertainty import SCORE_STRATEGIES, uncertainty_scores
+from .uncertainty import check_uncertainty, given_or_computed_scores, uncertainty_scores
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ def select_ceal(
     pixel entropy of ``probs`` (or of the MC mean when only ``mc_probs`` is given).
     Get ``threshold`` from :func:`ceal_threshold`.
     """
-    if uncertainty not in SCORE_STRATEGIES:
-        raise ValueError(f"uncertainty must be one of {SCORE_STRATEGIES}, got {uncertainty!r}")
+    check_uncertainty(uncertainty)
     if probs is not None:
         p = as_array(probs, "probs", 4)
         shape = p.shape
@@ -121,19 +120,10 @@ def select_ceal(
     else:
         raise ValueError("ceal needs probs (N, C, H, W) or mc_probs (T, N, C, H, W)")
     k = check_k(k, shape[0])
-    if scores is None:
-        scores = uncertainty_scores(
-            uncertainty,
-            probs=probs,
-            mc_probs=mc_probs,
-            reduction=reduction,
-            region_size=region_size,
-            region_quantile=region_quantile,
-        )
-    else:
-        scores = as_array(scores, "scores", 1)
-        if scores.shape[0] != shape[0]:
-            raise ValueError(f"scores has {scores.shape[0]} entries for a pool of {shape[0]}")
+    scores = given_or_computed_scores(
+        scores, shape[0], uncertainty, probs=probs, mc_probs=mc_probs, reduction=reduction,
+        region_size=region_size, region_quantile=region_quantile,
+    )  # fmt: skip
     query = top_k(scores, k)
     pseudo, labels = _pseudo(get_probs, shape, mean_h, threshold, query, max_pseudo)
     return CealSelection(query=query, pseudo=pseudo, pseudo_labels=labels, threshold=threshold)

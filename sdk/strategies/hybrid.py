@@ -29,9 +29,9 @@ import math
 
 import numpy as np
 
-from ._common import as_array, check_k, top_k
+from ._common import check_k, top_k
 from .diversity import as_embeddings, greedy_k_center
-from .uncertainty import SCORE_STRATEGIES, uncertainty_scores
+from .uncertainty import check_uncertainty, given_or_computed_scores
 
 
 def hybrid_select(
@@ -55,22 +55,13 @@ def hybrid_select(
     """
     x = as_embeddings(embeddings, "embeddings")
     n = x.shape[0]
-    if uncertainty not in SCORE_STRATEGIES:
-        raise ValueError(f"uncertainty must be one of {SCORE_STRATEGIES}, got {uncertainty!r}")
+    check_uncertainty(uncertainty)
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1:
         raise ValueError(f"beta must be a number >= 1, got {beta!r}")
-    if scores is None:
-        scores = uncertainty_scores(
-            uncertainty,
-            probs=probs,
-            mc_probs=mc_probs,
-            reduction=reduction,
-            region_size=region_size,
-            region_quantile=region_quantile,
-        )
-    scores = as_array(scores, "scores", 1)
-    if scores.shape[0] != n:
-        raise ValueError(f"uncertainty scores cover {scores.shape[0]} samples, embeddings {n}")
+    scores = given_or_computed_scores(
+        scores, n, uncertainty, probs=probs, mc_probs=mc_probs, reduction=reduction,
+        region_size=region_size, region_quantile=region_quantile,
+    )  # fmt: skip
     if not (np.all(np.isfinite(scores)) and np.all(scores >= 0)):
         raise ValueError("hybrid needs finite, non-negative uncertainty scores")
     k = check_k(k, n)

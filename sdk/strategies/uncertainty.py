@@ -10,6 +10,7 @@ Per-image scores are float64; higher always means more informative.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -190,22 +191,16 @@ def _check_strategy(strategy: str) -> None:
 
 
 def image_score(
-    strategy: str,
-    probs_one: np.ndarray | None = None,
-    *,
-    mc_one: np.ndarray | None = None,
-    reduction: str = "sum",
-    region_size: int = 16,
-    region_quantile: float = 1.0,
+    strategy: str, probs_one: np.ndarray | None = None, *, mc_one: np.ndarray | None = None, **reduction: Any
 ) -> float:
     """Score a single image so model code can reduce as it predicts (streaming).
 
     ``probs_one`` is ``(C, H, W)``; ``mc_one`` is ``(T, C, H, W)`` and is required for
     ``"bald"`` (for the other strategies its mean over T is used when ``probs_one`` is
-    absent). Equals ``score(strategy, probs=probs_one[None], ...)[0]``.
+    absent); ``reduction`` is :func:`reduce_pixels`' options. Equals
+    ``score(strategy, probs=probs_one[None], ...)[0]``.
     """
     _check_strategy(strategy)
-    check_reduction(reduction, region_size, region_quantile)
     if strategy == "bald":
         if mc_one is None:
             raise ValueError("bald needs mc_one, the (T, C, H, W) Monte-Carlo samples")
@@ -217,9 +212,7 @@ def image_score(
         pmap = PIXEL_MAPS[strategy](mc.mean(axis=0, dtype=work_dtype(mc.dtype)))
     else:
         raise ValueError(f"{strategy} needs probs_one (C, H, W) or mc_one (T, C, H, W)")
-    return float(
-        reduce_pixels(pmap[None], reduction, region_size=region_size, region_quantile=region_quantile)[0]
-    )
+    return float(reduce_pixels(pmap[None], **reduction)[0])
 
 
 def uncertainty_scores(
@@ -261,3 +254,23 @@ def uncertainty_scores(
     for sl in chunks(p.shape[0], int(np.prod(p.shape[1:]))):
         out[sl] = reduce_pixels(pixel_map(p[sl]), reduction, **opts)
     return out
+
+
+def check_uncertainty(name: str) -> str:
+    """`name` if it is a per-image uncertainty (what ceal and hybrid rank by), else a ValueError."""
+    if name not in SCORE_STRATEGIES:
+        raise ValueError(f"uncertainty must be one of {', '.join(SCORE_STRATEGIES)}, got {name!r}")
+    return name
+
+
+def given_or_computed_scores(
+    scores: np.ndarray | None, n: int, uncertainty: str, **inputs: Any
+) -> np.ndarray:
+    """Precomputed per-image `scores` (N,), checked against the pool size `n`, or else the
+    `uncertainty` of the :func:`uncertainty_scores` `inputs` (probs/mc_probs, reduction options)."""
+    if scores is None:
+        return uncertainty_scores(check_uncertainty(uncertainty), **inputs)
+    scores = as_array(scores, "scores", 1)
+    if scores.shape[0] != n:
+        raise ValueError(f"scores has {scores.shape[0]} entries for a pool of {n}")
+    return scores
