@@ -38,9 +38,9 @@ from devtools.local_stack import (
     ensure_redis,
     seed_from_template,
 )
-from ml_backend.label_config import parse_brush_target
-from ml_backend.predictions import brush_results
 from sdk.atomic import atomic_write_bytes
+from sdk.label_config import parse_brush_target
+from sdk.predictions import brush_results
 from sdk.synthetic import synthetic_em
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,14 +49,14 @@ import numpy as np
 import torch
 
 from benchmarks.bench_volume import disk_bytes, make_volume
-from ml_backend.inference import (
+from ml_backend.learner.inference import (
     autocast_dtype,
     bfloat16_supported,
     default_tile_batch,
     mask_agreement,
     predict_image,
 )
-from ml_backend.network import UNetConfig, build_unet, cpu_name, default_device, fuse_for_inference
+from ml_backend.learner.network import UNetConfig, build_unet, cpu_name, default_device, fuse_for_inference
 from sdk.synthetic import synthetic_em
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def baseline_predict(ref: str) -> Callable[..., object]:
     show = ["git", "show", f"{ref}:{path}"]
     source = subprocess.run(show, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     module = types.ModuleType(f"ml_backend.inference_at_{ref}")
-    module.__package__ = "ml_backend"
+    module.__package__ = "ml_backend.learner"  # its relative imports: the network beside it
     sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source, f"{ref}:{path}", "exec"), module.__dict__)  # noqa: S102
     return module.predict_image
@@ -120,7 +120,12 @@ def bench_predict(net, device: torch.device, repeat: int, baseline: str | None) 
 
 
 def bench_volume(net, device: torch.device, work: Path, slices: int, plane: int) -> dict:
-    from ml_backend.volume_segmentation import SegmentationPlan, file_sha256, prepare_output, run_block
+    from ml_backend.learner.volume_segmentation import (
+        SegmentationPlan,
+        file_sha256,
+        prepare_output,
+        run_block,
+    )
 
     volume, out, checkpoint = work / "raw.zarr", work / "labels.zarr", work / "v1.pt"
     make_volume(volume, slices, plane)
@@ -176,7 +181,7 @@ def train_modes(device: torch.device) -> dict[str, dict]:
 
 
 def bench_train(device: torch.device, steps: int, repeat: int = 2) -> list[dict]:
-    import ml_backend.training as training
+    import ml_backend.learner.training as training
 
     images, masks = [], []
     for seed in range(20):  # 500 patches of 256² cut from 20 synthetic 1280² sections
@@ -239,8 +244,8 @@ def bench_train(device: torch.device, steps: int, repeat: int = 2) -> list[dict]
 def bench_agreement(device: torch.device, steps: int) -> dict:
     """Masks under each reduced precision against float32, on VNC sections' unseen halves, from
     the default network trained `steps` steps on their other halves (synthetic EM without VNC)."""
-    from ml_backend.simulation_setup import SimConfig, load_vnc
-    from ml_backend.training import TrainConfig, evaluate, fine_tune
+    from ml_backend.experiments.simulation_setup import SimConfig, load_vnc
+    from ml_backend.learner.training import TrainConfig, evaluate, fine_tune
 
     if VNC_DIR.exists():
         data = load_vnc(VNC_DIR, SimConfig(sections=4))

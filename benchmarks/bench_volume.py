@@ -118,8 +118,8 @@ def child_tile(volume_path: str) -> dict:
 
 
 def child_segment(volume_path: str, out: str, checkpoint: str, slices: int) -> dict:
-    from ml_backend.network import default_device
-    from ml_backend.volume_segmentation import (
+    from ml_backend.learner.network import default_device
+    from ml_backend.learner.volume_segmentation import (
         SegmentationPlan,
         cached_network,
         file_sha256,
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from ml_backend.network import UNetConfig, build_unet
+    from ml_backend.learner.network import UNetConfig, build_unet
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="emloop-bench-volume-"))
     work.mkdir(parents=True, exist_ok=True)

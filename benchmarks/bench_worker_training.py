@@ -14,7 +14,7 @@ one BrushLabels label. Round r annotates, through Label Studio's API, the sectio
 i % rounds == r - 1 (every other section for two rounds) with their ground truth, so Label Studio
 calls the backend's webhook and the worker trains version r from version r - 1 (version 0 is the
 untrained network). Each new version is evaluated on the bottom halves (rows 512-1023, never shown
-to Label Studio) with the current code's `ml_backend.training.evaluate`; the worker's own held-out
+to Label Studio) with the current code's `ml_backend.learner.training.evaluate`; the worker's own held-out
 metrics come from the manifest.
 
 Each code version gets its own Label Studio (a fresh copy of the migrated template, so the task ids,
@@ -62,13 +62,13 @@ from devtools.local_stack import (
     label_studio_version,
     seed_from_template,
 )
-from ml_backend.checkpoints import CheckpointStore, Version
-from ml_backend.inference import bfloat16_supported
-from ml_backend.label_config import parse_brush_target
-from ml_backend.predictions import brush_results
-from ml_backend.training import evaluate
+from ml_backend.learner.checkpoints import CheckpointStore, Version
+from ml_backend.learner.inference import bfloat16_supported
+from ml_backend.learner.training import evaluate
 from sdk.atomic import atomic_write_bytes
 from sdk.cli import run_main
+from sdk.label_config import parse_brush_target
+from sdk.predictions import brush_results
 from tests.helpers import BRUSH_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +91,8 @@ PROBE = """
 import dataclasses, json, torch
 import ml_backend, sdk
 from ml_backend.config import Settings
-from ml_backend.network import UNetConfig
-from ml_backend.training import TrainConfig
+from ml_backend.learner.network import UNetConfig
+from ml_backend.learner.training import TrainConfig
 settings = dataclasses.asdict(Settings.from_env())
 print(json.dumps({
     "ml_backend": ml_backend.__file__, "sdk": sdk.__file__, "torch_threads": torch.get_num_threads(),
@@ -499,7 +499,7 @@ def run(args: argparse.Namespace) -> str:
             "before_commit": before_commit,
             "after_head": git("rev-parse", "HEAD"),
             "after_uncommitted_files": git("status", "--porcelain").splitlines(),
-            "evaluation": "ml_backend.training.evaluate of the working tree, tile 1024, overlap 64",
+            "evaluation": "ml_backend.learner.training.evaluate of the working tree, tile 1024, overlap 64",
         },
         "stacks": {},
         "rounds": [],

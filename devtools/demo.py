@@ -33,9 +33,9 @@ from devtools.local_stack import (
     ensure_redis,
     install_sigterm_handler,
 )
-from ml_backend.label_config import parse_brush_target
-from ml_backend.predictions import brush_results
 from sdk.backend_api import BackendAPI
+from sdk.label_config import parse_brush_target
+from sdk.predictions import brush_results
 from sdk.queue_order import ensure_priority_view
 from sdk.synthetic import write_demo_images
 

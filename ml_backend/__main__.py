@@ -7,8 +7,8 @@ import logging
 
 from gunicorn.app.base import BaseApplication
 
-from .config import Settings
-from .server import create_app
+from ml_backend.config import Settings
+from ml_backend.serving.server import create_app
 
 
 class _Gunicorn(BaseApplication):

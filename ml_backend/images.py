@@ -23,10 +23,9 @@ import numpy as np
 import requests
 from PIL import Image
 
+from ml_backend.config import Settings
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
 from sdk.lru import LRU
-
-from .config import Settings
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")

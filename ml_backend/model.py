@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .base import MLBackendBase
-from .checkpoints import CheckpointStore
-from .images import ImageError
-from .inference import PredictionTooLarge
-from .label_config import parse_brush_target
-from .preannotation import hand_to_workers, predict_url
-from .training_queue import TRAINING_EVENTS
+from ml_backend.images import ImageError
+from ml_backend.jobs.preannotation import hand_to_workers, predict_url
+from ml_backend.jobs.training_queue import TRAINING_EVENTS
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.inference import PredictionTooLarge
+from ml_backend.serving.base import MLBackendBase
+from sdk.label_config import parse_brush_target
 
 
 class EMSegmentationModel(MLBackendBase):

@@ -23,10 +23,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
 
+from ml_backend.config import Settings
+from ml_backend.jobs.training_queue import retry_interrupted
 from sdk.strategies import get_strategy
-
-from .config import Settings
-from .training_queue import retry_interrupted
 
 log = logging.getLogger("emloop.worker")
 

@@ -41,7 +41,7 @@ class RankedItem(Protocol):
 
 
 class Order(Protocol):
-    """What is written: `ml_backend.ranking.Ranking` is one."""
+    """What is written: `ml_backend.jobs.ranking.Ranking` is one."""
 
     version: str  # the checkpoint that scored the pool
     strategy: str

@@ -15,10 +15,10 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from devtools.local_stack import REPO_ROOT
-from ml_backend.checkpoints import CheckpointStore, Version
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import UNet, UNetConfig, build_unet
-from ml_backend.training import TrainConfig, fine_tune
+from ml_backend.learner.checkpoints import CheckpointStore, Version
+from ml_backend.learner.network import UNet, UNetConfig, build_unet
+from ml_backend.learner.training import TrainConfig, fine_tune
+from sdk.label_config import parse_brush_target
 from sdk.synthetic import synthetic_em
 
 UNIT_REDIS_URL = "redis://127.0.0.1:6379/15"  # unit tests' database, apart from the stack's

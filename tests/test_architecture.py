@@ -1,6 +1,7 @@
 """The import rules the code is laid out by: `sdk` (strategies, volumes, the Label Studio side) never
-imports torch, Redis, RQ, Flask or `ml_backend`; `ml_backend` builds on it; no module of either
-package imports, even lazily or for type checking only, a module that imports it back."""
+imports torch, Redis, RQ, Flask or `ml_backend`; `ml_backend` builds on it, its torch side
+(`learner`) under its jobs, its jobs under serving; no module imports, even lazily or for type
+checking only, a module that imports it back."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("sdk", "ml_backend")
 SDK_MUST_NOT_IMPORT = ("torch", "redis", "rq", "flask", "werkzeug", "ml_backend")
+SERVING = ("ml_backend.serving", "ml_backend.model", "ml_backend.cli", "flask")
+BELOW = {  # a group of ml_backend and what it must not import: the groups above it
+    "ml_backend.learner": (*SERVING, "ml_backend.jobs", "ml_backend.experiments", "rq"),
+    "ml_backend.jobs": (*SERVING, "ml_backend.experiments"),
+    "ml_backend.experiments": (*SERVING, "ml_backend.jobs", "rq"),
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -55,6 +62,14 @@ def test_sdk_stays_free_of_the_torch_and_server_side(module: str) -> None:
     assert not bad, f"{module} imports {bad}"
 
 
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith(tuple(BELOW))))
+def test_each_group_imports_only_what_lies_below_it(module: str) -> None:
+    group = next(g for g in BELOW if module.startswith(g))
+    names = imported_names(module, MODULES[module])
+    bad = sorted(n for n in names if n.startswith(BELOW[group]))
+    assert not bad, f"{module} imports {bad}"
+
+
 def test_no_import_cycles() -> None:
     """Tarjan's strongly connected components over the import graph: every one a single module."""
     index: dict[str, int] = {}
@@ -92,5 +107,5 @@ def test_no_import_cycles() -> None:
 
 def test_the_rules_see_real_imports() -> None:
     """The graph is not empty by accident: known edges are found."""
-    assert "ml_backend.training" in GRAPH["ml_backend.train_job"]
-    assert "sdk.prefetch" in GRAPH["ml_backend.training"]
+    assert "ml_backend.learner.training" in GRAPH["ml_backend.jobs.train_job"]
+    assert "sdk.prefetch" in GRAPH["ml_backend.learner.training"]

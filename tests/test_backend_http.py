@@ -13,8 +13,8 @@ import requests
 from PIL import Image
 
 from devtools.local_stack import find_free_port
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import build_unet
+from ml_backend.learner.network import build_unet
+from sdk.label_config import parse_brush_target
 
 from .helpers import BRUSH_CONFIG, SMALL_NET, publish, write_images
 

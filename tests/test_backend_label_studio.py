@@ -12,12 +12,12 @@ import pytest
 import requests
 from PIL import Image
 
-from ml_backend.checkpoints import CheckpointStore
-from ml_backend.inference import predict_image
-from ml_backend.label_config import parse_brush_target
-from ml_backend.predictions import confidence_score, label_map
-from ml_backend.registry import ModelRegistry
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.inference import predict_image
+from ml_backend.serving.registry import ModelRegistry
 from sdk.brush import rle_to_mask
+from sdk.label_config import parse_brush_target
+from sdk.predictions import confidence_score, label_map
 
 from .helpers import BRUSH_CONFIG, publish, train_small_net, write_images
 

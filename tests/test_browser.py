@@ -32,8 +32,8 @@ import torch
 from PIL import Image, ImageOps
 
 from devtools.local_stack import REPO_ROOT
-from ml_backend.network import UNetConfig, build_unet
-from ml_backend.training import TrainConfig, fine_tune
+from ml_backend.learner.network import UNetConfig, build_unet
+from ml_backend.learner.training import TrainConfig, fine_tune
 from sdk.brush import rle_to_mask
 from sdk.synthetic import synthetic_em
 

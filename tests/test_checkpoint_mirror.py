@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from ml_backend.checkpoint_mirror import MirrorError, RedisMirror
-from ml_backend.checkpoints import CheckpointStore
 from ml_backend.config import Settings
-from ml_backend.registry import ModelRegistry
+from ml_backend.learner.checkpoint_mirror import MirrorError, RedisMirror
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.serving.registry import ModelRegistry
 from tests.test_checkpoints import TARGET, TINY, outputs, perturbed, same_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_backend.checkpoints import CheckpointError, CheckpointStore, load_checkpoint, version_name
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import UNet, UNetConfig, build_unet
-from ml_backend.registry import ModelRegistry
+from ml_backend.learner.checkpoints import CheckpointError, CheckpointStore, load_checkpoint, version_name
+from ml_backend.learner.network import UNet, UNetConfig, build_unet
+from ml_backend.serving.registry import ModelRegistry
 from sdk.atomic import atomic_write_bytes
+from sdk.label_config import parse_brush_target
 
 CONFIG = """
 <View><Image name="img" value="$image"/>

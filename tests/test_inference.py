@@ -7,8 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from ml_backend.inference import blend_window, intensity_window, normalize_image, predict_image, tile_starts
-from ml_backend.network import MCDropout2d, UNet, UNetConfig, build_unet
+from ml_backend.learner.inference import (
+    blend_window,
+    intensity_window,
+    normalize_image,
+    predict_image,
+    tile_starts,
+)
+from ml_backend.learner.network import MCDropout2d, UNet, UNetConfig, build_unet
 
 TINY = UNetConfig(n_classes=3, base_channels=4, depth=2)
 
@@ -242,7 +248,7 @@ def test_normalize_rejects_other_shapes(shape: tuple[int, ...]) -> None:
 def test_fused_network_computes_the_same_function() -> None:
     from torch import nn
 
-    from ml_backend.network import fuse_for_inference
+    from ml_backend.learner.network import fuse_for_inference
 
     net = build_unet(UNetConfig(base_channels=4, depth=2), seed=3)
     for module in net.modules():  # non-trivial statistics, as after training

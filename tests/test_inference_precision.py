@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from ml_backend.inference import (
+from ml_backend.experiments.simulation_setup import SimConfig, load_vnc
+from ml_backend.learner.inference import (
     autocast_dtype,
     bfloat16_supported,
     default_tile_batch,
     mask_agreement,
     predict_image,
 )
-from ml_backend.network import UNetConfig, build_unet
-from ml_backend.simulation_setup import SimConfig, load_vnc
-from ml_backend.training import TrainConfig, evaluate, fine_tune
+from ml_backend.learner.network import UNetConfig, build_unet
+from ml_backend.learner.training import TrainConfig, evaluate, fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""`ml_backend.jobs.wait_for_job`: the one poll loop over an RQ job's state (a small fake job)."""
+"""`ml_backend.jobs.status.wait_for_job`: the one poll loop over an RQ job's state (a small fake job)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from rq.job import JobStatus
 
-from ml_backend.jobs import JobFailed, wait_for_job
+from ml_backend.jobs.status import JobFailed, wait_for_job
 
 
 class FakeJob:

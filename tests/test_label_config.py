@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target
+from sdk.label_config import BrushTarget, LabelConfigError, parse_brush_target
 
 SIMPLE = """
 <View>

@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 import requests
 
-from ml_backend.checkpoints import version_name
-from ml_backend.label_config import parse_brush_target
+from ml_backend.learner.checkpoints import version_name
+from sdk.label_config import parse_brush_target
 
 from .helpers import BRUSH_CONFIG, run_script, write_images
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from ml_backend.label_config import parse_brush_target
-from ml_backend.predictions import brush_results, build_prediction, confidence_score, label_map
 from sdk.brush import rle_to_mask
+from sdk.label_config import parse_brush_target
+from sdk.predictions import brush_results, build_prediction, confidence_score, label_map
 
 TARGET = parse_brush_target(
     '<View><Image name="em" value="$image"/><BrushLabels name="brush" toName="em">'

@@ -18,12 +18,12 @@ import pytest
 import requests
 from PIL import Image
 
-from ml_backend.checkpoints import CheckpointStore
-from ml_backend.inference import predict_image
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import UNetConfig, build_unet
-from ml_backend.scoring import score_pool
-from ml_backend.training import TrainConfig, fine_tune
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.inference import predict_image
+from ml_backend.learner.network import UNetConfig, build_unet
+from ml_backend.learner.scoring import score_pool
+from ml_backend.learner.training import TrainConfig, fine_tune
+from sdk.label_config import parse_brush_target
 from sdk.priority import PRIORITY_VIEW, is_priority_version
 from sdk.strategies import image_score
 from sdk.synthetic import synthetic_em

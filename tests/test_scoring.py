@@ -1,4 +1,4 @@
-"""Scoring a pool with the model (ml_backend.scoring) and the pure priority helpers (sdk.priority)."""
+"""Scoring a pool with the model (ml_backend.learner.scoring) and the pure priority helpers (sdk.priority)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ml_backend.checkpoints import Version
 from ml_backend.config import Settings
 from ml_backend.images import ImageError
-from ml_backend.inference import normalize_image, predict_image
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import UNetConfig, build_unet
-from ml_backend.ranking import RankedTask, Ranking, ScoringOptions, rank_tasks
-from ml_backend.scoring import PoolScores, score_kind, score_pool
+from ml_backend.jobs.ranking import RankedTask, Ranking, ScoringOptions, rank_tasks
+from ml_backend.learner.checkpoints import Version
+from ml_backend.learner.inference import normalize_image, predict_image
+from ml_backend.learner.network import UNetConfig, build_unet
+from ml_backend.learner.scoring import PoolScores, score_kind, score_pool
 from sdk import priority
+from sdk.label_config import parse_brush_target
 from sdk.queue_order import write_order
 from sdk.strategies import SCORE_STRATEGIES, cluster_labels, image_score, score, select
 from sdk.synthetic import synthetic_em

@@ -22,7 +22,7 @@ import pytest
 import torch
 import zarr
 
-from ml_backend.volume_segmentation import SegmentationPlan, cached_network, segment_plane
+from ml_backend.learner.volume_segmentation import SegmentationPlan, cached_network, segment_plane
 from sdk.postprocess import connected_components
 from sdk.synthetic import synthetic_em
 from sdk.tiling import open_volume
@@ -205,7 +205,7 @@ def test_foreign_output_is_refused_and_overwrite_starts_over(tmp_path):
     out.mkdir()
     (tmp_path / "o.zarr.progress" / "done").mkdir(parents=True)
     (tmp_path / "o.zarr.progress" / "done" / "0000000-0000001.json").write_text("{}")
-    from ml_backend.volume_segmentation import Progress, prepare_output
+    from ml_backend.learner.volume_segmentation import Progress, prepare_output
 
     plan = SegmentationPlan(
         volume="v", shape=(2, 8, 8), axis="z", output=str(out), format="zarr", kind="labels",
@@ -228,7 +228,7 @@ def test_foreign_output_is_refused_and_overwrite_starts_over(tmp_path):
 def test_a_failed_write_behind_stops_the_run_and_marks_only_written_blocks(data, tmp_path, monkeypatch):
     """Blocks are written in a thread while the next one is segmented; a write that fails is raised
     before a later block is written, and no block it did not write is marked done."""
-    import ml_backend.volume_segmentation as vs
+    import ml_backend.learner.volume_segmentation as vs
 
     volume = np.load(data["volume"])
     plan = vs.prepare_output(

@@ -14,14 +14,14 @@ from PIL import Image
 from redis import Redis
 from rq import Queue
 
-from ml_backend.checkpoints import CheckpointStore, version_name
 from ml_backend.config import Settings
-from ml_backend.inference import predict_image
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import UNetConfig, build_unet
-from ml_backend.predictions import confidence_score
-from ml_backend.server import create_app
+from ml_backend.learner.checkpoints import CheckpointStore, version_name
+from ml_backend.learner.inference import predict_image
+from ml_backend.learner.network import UNetConfig, build_unet
+from ml_backend.serving.server import create_app
 from sdk.brush import rle_to_mask
+from sdk.label_config import parse_brush_target
+from sdk.predictions import confidence_score
 
 from .helpers import UNIT_REDIS_URL
 

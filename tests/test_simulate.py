@@ -126,7 +126,7 @@ def test_cluster_served_batches_without_the_reference(simulate, tmp_path, one_to
 
 
 def test_near_fraction_counts_overlapping_patches_within_one_section():
-    from ml_backend.simulation_setup import near_fraction
+    from ml_backend.experiments.simulation_setup import near_fraction
 
     positions = np.array([[0, 0, 0], [1, 32, 32], [3, 0, 0], [0, 128, 0]])
     assert near_fraction(positions, 64) == 0.5  # the first two overlap one section apart

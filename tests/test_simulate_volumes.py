@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ml_backend.simulation_setup import SimConfig, load_vnc
+from ml_backend.experiments.simulation_setup import SimConfig, load_vnc
 from sdk.tiling import open_volume
 
 from .helpers import MITO, labelled_volume

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ml_backend.annotations import AnnotationError, MaskCache, choose_annotation, label_map
-from ml_backend.inference import intensity_window, normalize_image
-from ml_backend.label_config import parse_brush_target
-from ml_backend.network import UNetConfig, build_unet
-from ml_backend.train_job import holdout_split
-from ml_backend.training import (
+from ml_backend.jobs.train_job import holdout_split
+from ml_backend.learner.inference import intensity_window, normalize_image
+from ml_backend.learner.network import UNetConfig, build_unet
+from ml_backend.learner.training import (
     IGNORE,
     TrainConfig,
     augment_batch,
@@ -25,7 +23,9 @@ from ml_backend.training import (
     validation_patches,
     validation_score,
 )
+from sdk.annotations import AnnotationError, MaskCache, choose_annotation, label_map
 from sdk.brush import mask_to_rle
+from sdk.label_config import parse_brush_target
 
 TARGET = parse_brush_target(
     '<View><Image name="em" value="$image"/><BrushLabels name="brush" toName="em">'
@@ -437,7 +437,7 @@ def test_fine_tune_never_returns_weights_worse_than_its_start() -> None:
 
 
 def test_validation_iou_decides_and_the_loss_breaks_ties() -> None:
-    from ml_backend.training import _improves
+    from ml_backend.learner.training import _improves
 
     assert _improves((0.5, -2.0), (0.4, -0.1))  # higher IoU wins even with a higher loss
     assert not _improves((0.4, -0.1), (0.5, -2.0))
@@ -451,7 +451,7 @@ def test_validation_iou_decides_and_the_loss_breaks_ties() -> None:
 
 def test_the_workers_held_out_evaluation_tiles_like_the_backend(tmp_path, monkeypatch) -> None:
     """TILE_SIZE and TILE_OVERLAP reach the held-out IoU before and after a run, as /predict sees it."""
-    import ml_backend.train_job as train_job
+    import ml_backend.jobs.train_job as train_job
     from ml_backend.config import Settings
 
     images, masks = zip(*(discs(seed, 48) for seed in range(6)), strict=True)

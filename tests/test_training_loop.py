@@ -15,8 +15,8 @@ import pytest
 import requests
 from redis import Redis
 
-from ml_backend.label_config import parse_brush_target
-from ml_backend.predictions import brush_results
+from sdk.label_config import parse_brush_target
+from sdk.predictions import brush_results
 
 from .helpers import BRUSH_CONFIG, publish, run_prioritize, train_small_net, write_images
 

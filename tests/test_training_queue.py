@@ -19,9 +19,9 @@ from rq import Queue
 from rq.job import JobStatus
 
 from ml_backend.config import Settings
-from ml_backend.preannotation import Progress
-from ml_backend.preannotation import enqueue as enqueue_preannotation
-from ml_backend.training_queue import (
+from ml_backend.jobs.preannotation import Progress
+from ml_backend.jobs.preannotation import enqueue as enqueue_preannotation
+from ml_backend.jobs.training_queue import (
     ProjectTraining,
     all_statuses,
     connect,
@@ -78,7 +78,7 @@ def test_burst_enqueues_one_job(state: ProjectTraining, settings: Settings, redi
     assert [a["queued"] for a in answers] == [True, False, False, False, False]
     assert [a["generation"] for a in answers] == [1, 2, 3, 4, 5]
     [job] = queued_jobs(settings, redis)
-    assert job.func_name == "ml_backend.train_job.run_training"
+    assert job.func_name == "ml_backend.jobs.train_job.run_training"
     assert job.args == (state.project, settings.queue_name)
     assert job.timeout == settings.train_job_timeout
     status = state.status()

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ml_backend.annotations import AnnotationError, choose_annotation, label_map
-from ml_backend.label_config import LabelConfigError, parse_brush_target
+from sdk.annotations import AnnotationError, choose_annotation, label_map
 from sdk.cli import prog_name, run_main
+from sdk.label_config import LabelConfigError, parse_brush_target
 from sdk.labelstudio import LabelStudioAPI
 from sdk.tiling import AXES, open_volume, stitch_patches
 from sdk.tiling.grid import axis_index

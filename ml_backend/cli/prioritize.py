@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from ml_backend.config import Settings
-from ml_backend.jobs import JobFailed, wait_for_job
-from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target
+from ml_backend.jobs.status import JobFailed, wait_for_job
 from sdk.cli import prog_name, run_main
+from sdk.label_config import BrushTarget, LabelConfigError, parse_brush_target
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
 from sdk.priority import HEATMAP_FIELD
 from sdk.queue_order import TaskRef, project_pool, write_order
@@ -58,7 +58,7 @@ from sdk.strategies import (
 )
 
 if TYPE_CHECKING:  # torch-heavy: imported when scoring starts, so usage errors answer fast
-    from ml_backend.ranking import Ranking, ScoringOptions
+    from ml_backend.jobs.ranking import Ranking, ScoringOptions
 
 PROG = prog_name("prioritize")
 log = logging.getLogger(PROG)
@@ -150,7 +150,7 @@ def say(message: str) -> None:
 # -- reading Label Studio ------------------------------------------------------------------------------
 # -- ranking -----------------------------------------------------------------------------------------------
 def scoring_options(args: argparse.Namespace, settings: Settings) -> ScoringOptions:
-    from ml_backend.ranking import ScoringOptions
+    from ml_backend.jobs.ranking import ScoringOptions
 
     return ScoringOptions(
         mc_samples=args.mc_samples,
@@ -171,10 +171,10 @@ def rank_here(
     pool: list[TaskRef],
     labeled: list[TaskRef],
 ) -> Ranking:
-    from ml_backend.checkpoints import CheckpointStore
     from ml_backend.images import ImageFetcher
-    from ml_backend.network import default_device
-    from ml_backend.ranking import rank_tasks
+    from ml_backend.jobs.ranking import rank_tasks
+    from ml_backend.learner.checkpoints import CheckpointStore
+    from ml_backend.learner.network import default_device
 
     store = CheckpointStore.for_settings(settings, str(project_id), target)
     if not store.root.exists():
@@ -215,7 +215,7 @@ def rank_on_worker(
     from redis.exceptions import RedisError
     from rq import Queue, Worker
 
-    from ml_backend.ranking import Ranking, rank_tasks_job
+    from ml_backend.jobs.ranking import Ranking, rank_tasks_job
 
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=30)
     try:
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> None:
 
     if not pool:
         say("nothing to prioritise: no unlabeled tasks")
-        from ml_backend.ranking import Ranking
+        from ml_backend.jobs.ranking import Ranking
 
         ranking = Ranking("", True, args.strategy, args.strategy, "no unlabeled tasks", 0, [])
     elif args.via_worker:

@@ -35,9 +35,9 @@ from xml.sax.saxutils import quoteattr
 
 from tqdm import tqdm
 
-from ml_backend.label_config import BrushTarget, LabelConfigError, parse_brush_target
 from sdk.atomic import atomic_write_bytes
 from sdk.cli import prog_name, run_main
+from sdk.label_config import BrushTarget, LabelConfigError, parse_brush_target
 from sdk.labelstudio import (
     LabelStudioAPI,
     LabelStudioError,

@@ -27,17 +27,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ml_backend.checkpoints import (
+from ml_backend.config import TILE, TILE_OVERLAP
+from ml_backend.jobs.segmentation import enqueue_blocks, wait_for_jobs
+from ml_backend.learner.checkpoints import (
     CheckpointError,
     ResolvedCheckpoint,
     checkpoint_from_file,
     newest_checkpoint,
 )
-from ml_backend.config import TILE, TILE_OVERLAP
-from ml_backend.label_config import LabelConfigError
-from ml_backend.network import default_device
-from ml_backend.segmentation_jobs import enqueue_blocks, wait_for_jobs
-from ml_backend.volume_segmentation import (
+from ml_backend.learner.network import default_device
+from ml_backend.learner.volume_segmentation import (
     Progress,
     SegmentationPlan,
     cached_network,
@@ -46,6 +45,7 @@ from ml_backend.volume_segmentation import (
     run_blocks,
 )
 from sdk.cli import prog_name, run_main
+from sdk.label_config import LabelConfigError
 from sdk.postprocess import connected_components, write_stats_csv
 from sdk.tiling import AXES, estimate_intensity_range, open_volume, plane_shape
 

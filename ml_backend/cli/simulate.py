@@ -23,7 +23,7 @@ background; IoU is the mean over the classes.
   simulate.py --raw vnc/stack1/raw --labels vnc/stack1/labels --out sim-organelles \\
       --classes organelles=191+223
 
-Training is the worker's recipe (ml_backend.training, README "The model"): the initial
+Training is the worker's recipe (ml_backend.learner.training, README "The model"): the initial
 model trains --initial-steps from scratch; each round fine-tunes the previous weights for
 --round-steps (warm-up, cosine decay to zero) and keeps the result, as the papers do
 (--keep-start: keep the previous weights when they score better on --val-patches fixed
@@ -63,11 +63,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ml_backend.network import cpu_name, default_device
-from ml_backend.simulation import Simulation, read_results
-from ml_backend.simulation_report import markdown, plot, run_summary, write_csv
-from ml_backend.simulation_runner import run_parallel
-from ml_backend.simulation_setup import RESULTS, DataSource, SimConfig, vnc_source
+from ml_backend.experiments.simulation import Simulation, read_results
+from ml_backend.experiments.simulation_report import markdown, plot, run_summary, write_csv
+from ml_backend.experiments.simulation_runner import run_parallel
+from ml_backend.experiments.simulation_setup import RESULTS, DataSource, SimConfig, vnc_source
+from ml_backend.learner.network import cpu_name, default_device
 from sdk.cli import prog_name, run_main
 from sdk.strategies import STRATEGIES
 

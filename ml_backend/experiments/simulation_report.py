@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ml_backend.experiments.simulation_setup import FULL
 from sdk.strategies import STRATEGIES
-
-from .simulation_setup import FULL
 
 
 def curves(rows: list[dict]) -> tuple[dict[str, dict[int, dict[int, float]]], dict[int, float]]:

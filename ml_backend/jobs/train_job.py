@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from rq import get_current_job
 
-from .annotations import AnnotationError, MaskCache, choose_annotation
-from .checkpoints import CheckpointStore
-from .config import Settings
-from .images import ImageError, shared_fetcher
-from .label_config import BrushTarget, parse_brush_target
-from .network import default_device
-from .queue_refresh import refresh_queue
-from .training import TrainConfig, evaluate, fine_tune
-from .training_queue import ProjectTraining
+from ml_backend.config import Settings
+from ml_backend.images import ImageError, shared_fetcher
+from ml_backend.jobs.queue_refresh import refresh_queue
+from ml_backend.jobs.training_queue import ProjectTraining
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.network import default_device
+from ml_backend.learner.training import TrainConfig, evaluate, fine_tune
+from sdk.annotations import AnnotationError, MaskCache, choose_annotation
+from sdk.label_config import BrushTarget, parse_brush_target
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 from sdk.brush import rle_to_mask
+from sdk.label_config import BrushTarget
 from sdk.lru import LRU
-
-from .label_config import BrushTarget
 
 
 class AnnotationError(ValueError):

@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ml_backend.config import Settings
+from ml_backend.images import shared_fetcher
+from ml_backend.jobs.ranking import ScoringOptions, rank_tasks
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.network import default_device
+from sdk.label_config import parse_brush_target
 from sdk.queue_order import project_pool, write_order
-
-from .checkpoints import CheckpointStore
-from .config import Settings
-from .images import shared_fetcher
-from .label_config import parse_brush_target
-from .network import default_device
-from .ranking import ScoringOptions, rank_tasks
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ml_backend.experiments.simulation_setup import (
+    FULL,
+    RESULTS,
+    Pool,
+    Row,
+    SimConfig,
+    make_pool,
+    near_fraction,
+    parse_strategy,
+)
+from ml_backend.learner.network import UNet, build_unet
+from ml_backend.learner.scoring import score_pool
+from ml_backend.learner.training import evaluate, fine_tune
 from sdk.atomic import atomic_write_bytes
 from sdk.labelled_volume import Data
 from sdk.priority import serving_order
@@ -44,11 +57,6 @@ from sdk.strategies import (
     select,
     select_ceal,
 )
-
-from .network import UNet, build_unet
-from .scoring import score_pool
-from .simulation_setup import FULL, RESULTS, Pool, Row, SimConfig, make_pool, near_fraction, parse_strategy
-from .training import evaluate, fine_tune
 
 
 def batch_diversity(embeddings: np.ndarray, clusters: np.ndarray, picked: np.ndarray) -> dict:

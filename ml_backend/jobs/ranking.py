@@ -1,5 +1,5 @@
 """Rank Label Studio tasks with the backend's model: :func:`rank_tasks` scores the tasks' images
-(:func:`ml_backend.scoring.score_pool`), selects with a strategy (a cold-start strategy while the
+(:func:`ml_backend.learner.scoring.score_pool`), selects with a strategy (a cold-start strategy while the
 model is untrained), describes the selected tasks (brush masks, heat maps) and, when asked, numbers
 them by k-means cluster of the pool's embeddings for Label Studio's cluster-aware serving;
 :func:`rank_tasks_job` is the same as an RQ job, so a GPU worker can do it.
@@ -17,17 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml_backend.config import TILE, TILE_OVERLAP, Settings
+from ml_backend.images import ImageError, shared_fetcher
+from ml_backend.learner.checkpoints import CheckpointStore, Version
+from ml_backend.learner.network import UNet
+from ml_backend.learner.scoring import PoolScores, Progress, score_pool
+from sdk.label_config import BrushTarget, parse_brush_target
+from sdk.predictions import brush_results
 from sdk.priority import choose_strategy, heatmap_uri, heatmap_vmax
 from sdk.queue_order import TaskRef
 from sdk.strategies import cluster_labels
-
-from .checkpoints import CheckpointStore, Version
-from .config import TILE, TILE_OVERLAP, Settings
-from .images import ImageError, shared_fetcher
-from .label_config import BrushTarget, parse_brush_target
-from .network import UNet
-from .predictions import brush_results
-from .scoring import PoolScores, Progress, score_pool
 
 log = logging.getLogger(__name__)
 

@@ -29,17 +29,16 @@ from rq import Queue, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from ml_backend.config import Settings
+from ml_backend.images import ImageError, shared_fetcher
+from ml_backend.jobs.status import ACTIVE, job_alive, job_pending
+from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.inference import PredictionTooLarge, check_prediction_size, predict_image
+from ml_backend.learner.network import UNet, default_device
+from sdk.label_config import BrushTarget, parse_brush_target
 from sdk.labelstudio import LabelStudioAPI
+from sdk.predictions import build_prediction
 from sdk.queue_order import TaskRef, image_url, iter_tasks
-
-from .checkpoints import CheckpointStore
-from .config import Settings
-from .images import ImageError, shared_fetcher
-from .inference import PredictionTooLarge, check_prediction_size, predict_image
-from .jobs import ACTIVE, job_alive, job_pending
-from .label_config import BrushTarget, parse_brush_target
-from .network import UNet, default_device
-from .predictions import build_prediction
 
 log = logging.getLogger(__name__)
 

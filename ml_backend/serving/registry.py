@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
+from ml_backend.learner.checkpoints import CheckpointStore, Version
+from ml_backend.learner.network import UNet, default_device, fuse_for_inference
 from sdk.lru import LRU
-
-from .checkpoints import CheckpointStore, Version
-from .network import UNet, default_device, fuse_for_inference
 
 log = logging.getLogger(__name__)
 

@@ -35,16 +35,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ml_backend.config import TILE, TILE_OVERLAP
+from ml_backend.learner.checkpoints import load_checkpoint
+from ml_backend.learner.inference import predict_image
+from ml_backend.learner.network import UNet, default_device, fuse_for_inference
 from sdk.atomic import atomic_write_bytes
 from sdk.prefetch import prefetch
 from sdk.tiling import open_volume, plane_shape, to_uint8
 from sdk.tiling.grid import axis_index
 from sdk.tiling.output import Format, output_format  # noqa: F401 - re-exported for the script
-
-from .checkpoints import load_checkpoint
-from .config import TILE, TILE_OVERLAP
-from .inference import predict_image
-from .network import UNet, default_device, fuse_for_inference
 
 Kind = Literal["labels", "probs"]
 PROGRESS_SUFFIX = ".progress"

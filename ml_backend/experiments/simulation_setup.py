@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ml_backend.config import TILE
+from ml_backend.learner.network import UNetConfig
+from ml_backend.learner.training import TrainConfig
 from sdk.labelled_volume import Data, load_labelled_volume
 from sdk.strategies import (
     SCORE_STRATEGIES,
     get_strategy,
 )
 from sdk.tiling import parse_classes, patch_grid, read_patch
-
-from .config import TILE
-from .network import UNetConfig
-from .training import TrainConfig
 
 RESULTS = "results.jsonl"
 FULL = "full"  # the strategy name of the full-supervision reference rows

@@ -14,9 +14,8 @@ import threading
 
 from redis.exceptions import RedisError
 
+from ml_backend.jobs.training_queue import TOGGLE_FIELD, ProjectTraining
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
-
-from .training_queue import TOGGLE_FIELD, ProjectTraining
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
-from .jobs import ACTIVE, FAILED, failure_reason, job_status
-from .volume_segmentation import Progress, SegmentationPlan, run_block
+from ml_backend.jobs.status import ACTIVE, FAILED, failure_reason, job_status
+from ml_backend.learner.volume_segmentation import Progress, SegmentationPlan, run_block
 
 
 def run_block_job(plan: dict[str, Any], start: int, stop: int) -> dict[str, Any]:

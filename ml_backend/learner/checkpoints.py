@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
+from ml_backend.config import Settings
+from ml_backend.learner.checkpoint_mirror import RedisMirror, mirror_for
+from ml_backend.learner.network import UNet, UNetConfig, build_unet
 from sdk.atomic import atomic_write_bytes
-
-from .checkpoint_mirror import RedisMirror, mirror_for
-from .config import Settings
-from .label_config import BrushTarget
-from .network import UNet, UNetConfig, build_unet
+from sdk.label_config import BrushTarget
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
 
-from .config import Settings
-from .jobs import job_pending
-from .preannotation import Progress
+from ml_backend.config import Settings
+from ml_backend.jobs.preannotation import Progress
+from ml_backend.jobs.status import job_pending
 
 #: New tasks: re-ranked with the current version (no training), so they are served in order
 #: and pre-annotated by the newest model before the next training run.
@@ -175,7 +175,7 @@ class ProjectTraining:
 
     def _enqueue(self, job_id: str, settings: Settings, retry_of: str = "") -> None:
         Queue(self.queue, connection=self.redis).enqueue(
-            "ml_backend.train_job.run_training",  # by name: the job module imports this one
+            "ml_backend.jobs.train_job.run_training",  # by name: the job module imports this one
             self.project,
             self.queue,
             job_id=job_id,

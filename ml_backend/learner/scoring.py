@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ml_backend.config import TILE, TILE_OVERLAP
+from ml_backend.learner.inference import embed_image, normalize_image, pad_to_multiple, predict_image
+from ml_backend.learner.network import UNet, default_device
 from sdk.atomic import atomic_write_bytes
+from sdk.predictions import label_map
 from sdk.strategies import get_strategy, reduce_pixels, select
 from sdk.strategies.uncertainty import PIXEL_MAPS, pixel_bald, pixel_entropy
-
-from .config import TILE, TILE_OVERLAP
-from .inference import embed_image, normalize_image, pad_to_multiple, predict_image
-from .network import UNet, default_device
-from .predictions import label_map
 
 log = logging.getLogger(__name__)
 

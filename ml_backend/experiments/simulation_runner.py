@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .simulation import Simulation, read_results
-from .simulation_setup import FULL, RESULTS, DataSource, SimConfig, parse_strategy
+from ml_backend.experiments.simulation import Simulation, read_results
+from ml_backend.experiments.simulation_setup import FULL, RESULTS, DataSource, SimConfig, parse_strategy
 
 # Chains are independent once their seed's initial model exists, so a run spreads them over
 # processes (one torch thread each): on a 2-core machine two processes finish ~2x sooner than

@@ -24,11 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ml_backend.config import TILE, TILE_OVERLAP
+from ml_backend.learner.inference import bfloat16_supported, intensity_window, normalize_image, predict_image
+from ml_backend.learner.network import UNet
 from sdk.prefetch import prefetch
-
-from .config import TILE, TILE_OVERLAP
-from .inference import bfloat16_supported, intensity_window, normalize_image, predict_image
-from .network import UNet
 
 IGNORE = 255
 Progress = Callable[[int, int, float], None]  # (step, steps, loss)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .runtime import Runtime
+from ml_backend.serving.runtime import Runtime
 
 MAX_PROJECT_ID = 64  # characters: the id names a directory, and file names have limits
 

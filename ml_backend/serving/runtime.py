@@ -8,11 +8,11 @@ from functools import cached_property
 
 from redis import Redis
 
-from .config import Settings
-from .images import ImageFetcher
-from .metrics import Metrics
-from .registry import ModelRegistry
-from .training_queue import ProjectTraining, connect
+from ml_backend.config import Settings
+from ml_backend.images import ImageFetcher
+from ml_backend.jobs.training_queue import ProjectTraining, connect
+from ml_backend.serving.metrics import Metrics
+from ml_backend.serving.registry import ModelRegistry
 
 
 @dataclass

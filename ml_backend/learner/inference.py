@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .config import TILE, TILE_OVERLAP
-from .network import UNet
+from ml_backend.config import TILE, TILE_OVERLAP
+from ml_backend.learner.network import UNet
 
 
 def to_grey(image: np.ndarray) -> np.ndarray:

@@ -16,18 +16,17 @@ from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from ml_backend.config import Settings
+from ml_backend.jobs.preannotation import enqueue, pending_tasks
+from ml_backend.jobs.training_queue import all_statuses
+from ml_backend.jobs.training_toggle import turn_on_in_background
+from ml_backend.learner.checkpoints import CheckpointStore, trained_version_names
+from ml_backend.model import EMSegmentationModel
+from ml_backend.serving.base import MLBackendBase, project_key
+from ml_backend.serving.runtime import Runtime
+from sdk.label_config import LabelConfigError, parse_brush_target
 from sdk.labelstudio import LabelStudioError, ProjectNotFound
 from sdk.lru import LRU
-
-from .base import MLBackendBase, project_key
-from .checkpoints import CheckpointStore, trained_version_names
-from .config import Settings
-from .label_config import LabelConfigError, parse_brush_target
-from .model import EMSegmentationModel
-from .preannotation import enqueue, pending_tasks
-from .runtime import Runtime
-from .training_queue import all_statuses
-from .training_toggle import turn_on_in_background
 
 log = logging.getLogger(__name__)
 

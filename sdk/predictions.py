@@ -15,9 +15,8 @@ import secrets
 import numpy as np
 
 from sdk.brush import mask_to_rle
+from sdk.label_config import BrushTarget
 from sdk.strategies import pixel_entropy
-
-from .label_config import BrushTarget
 
 
 def confidence_score(probs: np.ndarray) -> float:
