@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from sdk.label_config import DEFAULT_BACKGROUND_LABEL, BrushTarget, parse_brush_target
+
 # Network tiles, the one place for their defaults (`TILE_SIZE`, `TILE_OVERLAP`): every prediction,
 # evaluation, pool scoring and whole-volume segmentation starts from these.
 TILE = 1024  # tile edge: one pass covers a 1024² image
@@ -92,6 +94,7 @@ class Settings:
     predict_budget: float = 60.0
     preannotate_chunk: int = 50
     max_labels: int = 32
+    background_label: str = DEFAULT_BACKGROUND_LABEL  # a <Label> of this name: scribble mode ("" = never)
     max_projects: int = 64
     threads: int = 4
     queue_name: str = "emloop"
@@ -131,6 +134,7 @@ class Settings:
             predict_budget=_float("PREDICT_BUDGET_SECONDS", cls.predict_budget),
             preannotate_chunk=max(1, _int("PREANNOTATE_CHUNK", cls.preannotate_chunk)),
             max_labels=_int("MAX_LABELS", cls.max_labels),
+            background_label=os.environ.get("BACKGROUND_LABEL", cls.background_label).strip(),
             max_projects=max(1, _int("MAX_PROJECTS", cls.max_projects)),
             threads=_int("THREADS", cls.threads),
             queue_name=os.environ.get("RQ_QUEUE", cls.queue_name),
@@ -144,3 +148,8 @@ class Settings:
             queue_strategy=os.environ.get("QUEUE_STRATEGY", cls.queue_strategy).strip() or cls.queue_strategy,
             queue_clusters=_bool("QUEUE_CLUSTERS", cls.queue_clusters),
         )
+
+    def brush_target(self, label_config: str | None) -> BrushTarget:
+        """What a project's label config asks to segment, under these limits (`MAX_LABELS`) and
+        background label (`BACKGROUND_LABEL`): the one way every part reads it, so they agree."""
+        return parse_brush_target(label_config, self.max_labels, self.background_label)

@@ -15,7 +15,6 @@ from ml_backend.jobs.training_queue import TRAINING_EVENTS
 from ml_backend.learner.checkpoints import CheckpointStore
 from ml_backend.learner.inference import PredictionTooLarge
 from ml_backend.serving.base import MLBackendBase
-from sdk.label_config import parse_brush_target
 
 
 class EMSegmentationModel(MLBackendBase):
@@ -24,7 +23,7 @@ class EMSegmentationModel(MLBackendBase):
     TRAINING_EVENTS = TRAINING_EVENTS
 
     def setup(self) -> None:
-        self.target = parse_brush_target(self.label_config, self.runtime.settings.max_labels)
+        self.target = self.runtime.settings.brush_target(self.label_config)
         self.store = CheckpointStore.for_settings(self.runtime.settings, self.project_id, self.target)
 
     @property

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from sdk.brush import rle_to_mask
-from sdk.label_config import BrushTarget
+from sdk.label_config import UNLABELLED, BrushTarget
 from sdk.lru import LRU
 
 
@@ -54,18 +54,21 @@ def _timestamp(value: object) -> float:
 def label_map(annotation: dict, target: BrushTarget, shape: tuple[int, int]) -> np.ndarray:
     """(H, W) uint8 label map: 0 background, i + 1 for `target.labels[i]`; later regions win.
 
-    An annotation without brush regions is a valid label: "nothing here".
+    Pixels nobody painted are background, or UNLABELLED in scribble mode (`target.scribbles`),
+    where background is painted with its own label. An annotation without brush regions is a
+    valid label: "nothing here" (in scribble mode: "nothing known").
     """
     height, width = shape
-    labels = np.zeros(shape, np.uint8)
-    class_of = {name: i + 1 for i, name in enumerate(target.labels)}
+    labels = np.full(shape, UNLABELLED if target.scribbles else 0, np.uint8)
+    class_of = {name: i + 1 for i, name in enumerate(target.labels)} | {target.background: 0}
     for region in annotation.get("result") or []:
         if region.get("type") != "brushlabels" or region.get("from_name") != target.from_name:
             continue
         value = region.get("value") or {}
         names = value.get("brushlabels") or []
         if not names or names[0] not in class_of:
-            raise AnnotationError(f"brush region has label {names!r}, not one of {list(target.labels)}")
+            known = [*target.labels, *([target.background] if target.scribbles else [])]
+            raise AnnotationError(f"brush region has label {names!r}, not one of {known}")
         rh, rw = region.get("original_height", height), region.get("original_width", width)
         if (rh, rw) != (height, width):
             raise AnnotationError(f"brush region is {rw}x{rh} but the image is {width}x{height}")

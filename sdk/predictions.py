@@ -45,11 +45,13 @@ def label_map(probs: np.ndarray) -> np.ndarray:
 
 
 def brush_results(labels: np.ndarray, target: BrushTarget) -> list[dict]:
-    """One `brushlabels` region per class present in the label map."""
+    """One `brushlabels` region per class present in the label map; in scribble mode background
+    too, so an annotator who accepts a pre-annotation leaves a complete label."""
     height, width = labels.shape
     results = []
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=target.n_classes))
-    for class_index in present[present > 0]:
+    names = [target.background, *target.labels]
+    for class_index in present if target.scribbles else present[present > 0]:
         results.append(
             {
                 "id": secrets.token_hex(5),
@@ -62,7 +64,7 @@ def brush_results(labels: np.ndarray, target: BrushTarget) -> list[dict]:
                 "value": {
                     "format": "rle",
                     "rle": mask_to_rle(labels == class_index),
-                    "brushlabels": [target.labels[int(class_index) - 1]],
+                    "brushlabels": [names[int(class_index)]],
                 },
             }
         )

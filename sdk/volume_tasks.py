@@ -72,7 +72,7 @@ def select_patches(
 
     The subset is drawn from the whole grid, so the same arguments always give the same patches.
     """
-    total = grid_count(shape_zyx, axis, patch_size, stride, slice_step, slices)  # validates everything
+    total = grid_count(shape_zyx, axis, patch_size, stride=stride, slice_step=slice_step, slices=slices)
     size = _pair(patch_size)
     step = size if stride is None else _pair(stride)
     rows, cols = plane_shape(shape_zyx, axis)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+import zarr
 from PIL import Image
 
 from sdk.labelled_volume import load_labelled_volume
 from sdk.tiling import parse_classes
 
 from .helpers import MEMBRANE, MITO, VESICLE, labelled_volume
-
-h5py = pytest.importorskip("h5py")
-zarr = pytest.importorskip("zarr")
 
 
 def test_formats_dtypes_and_explicit_classes(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,6 @@ from ml_backend.experiments.simulation_setup import SimConfig, load_vnc
 from sdk.tiling import open_volume
 
 from .helpers import MITO, labelled_volume
-
-h5py = pytest.importorskip("h5py")
 
 REPO = Path(__file__).resolve().parents[1]
 VNC = REPO.parent / "shared" / "data" / "vnc"

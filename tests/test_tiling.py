@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
+import mrcfile
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 
 from sdk.tiling import (
@@ -20,10 +23,6 @@ from sdk.tiling import (
     stitch_patches,
     to_uint8,
 )
-
-h5py = pytest.importorskip("h5py")
-zarr = pytest.importorskip("zarr")
-mrcfile = pytest.importorskip("mrcfile")
 
 VNC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vnc"
 STACK = VNC / "stack1"
@@ -147,10 +146,10 @@ def test_patch_count_matches_grid_arithmetic(raw, axis, size, stride) -> None:
             patch_grid(raw.shape, axis, size, stride)
         return
     patches = patch_grid(raw.shape, axis, size, stride, volume_id=raw.id)
-    assert len(patches) == grid_count(raw.shape, axis, size, stride)
+    assert len(patches) == grid_count(raw.shape, axis, size, stride=stride)
     assert len(set(patches)) == len(patches)
     assert len(patch_grid(raw.shape, axis, size, stride, slice_step=3)) == grid_count(
-        raw.shape, axis, size, stride, slice_step=3
+        raw.shape, axis, size, stride=stride, slice_step=3
     )
 
 

@@ -91,7 +91,7 @@ def test_grid_starts_border_rule() -> None:
 def test_grid_covers_every_pixel_with_full_patches(axis, size, stride) -> None:
     shape = (7, 17, 11)
     patches = patch_grid(shape, axis, size, stride, volume_id="v")
-    assert len(patches) == grid_count(shape, axis, size, stride)
+    assert len(patches) == grid_count(shape, axis, size, stride=stride)
     hits = np.zeros(shape, dtype=int)
     for p in patches:
         assert p.fits(shape) and p.axis == axis and p.volume_id == "v"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import tracemalloc
 from pathlib import Path
 
+import h5py
+import mrcfile
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 
 from sdk.tiling import (
@@ -17,10 +20,6 @@ from sdk.tiling import (
     read_patch,
     stitch_patches,
 )
-
-h5py = pytest.importorskip("h5py")
-zarr = pytest.importorskip("zarr")
-mrcfile = pytest.importorskip("mrcfile")
 
 ZARR_V3 = int(zarr.__version__.split(".")[0]) >= 3
 ZARR_V2_FORMAT = {"zarr_format": 2} if ZARR_V3 else {}
@@ -209,39 +208,35 @@ def _write_png_16bit_grey_alpha(path: Path, grey: np.ndarray) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
-def test_ome_tiff_voxel_size(tmp_path: Path, data) -> None:
-    path = tmp_path / "vol.ome.tif"
-    tifffile.imwrite(
-        path,
-        data,
-        ome=True,
-        metadata={
-            "axes": "ZYX",
-            "PhysicalSizeX": 4.6,
-            "PhysicalSizeXUnit": "nm",
-            "PhysicalSizeY": 4.6,
-            "PhysicalSizeYUnit": "nm",
-            "PhysicalSizeZ": 0.05,
-            "PhysicalSizeZUnit": "µm",
-        },
-    )
-    vol = open_volume(path)
-    assert vol.metadata["format"] == "ome-tiff"
-    assert vol.voxel_size.to_dict() == pytest.approx({"z": 50.0, "y": 4.6, "x": 4.6, "unit": "nm"})
+IMAGEJ_METADATA = {"spacing": 0.05, "unit": "micron", "axes": "ZYX"}
+OME_METADATA = {"axes": "ZYX", "PhysicalSizeZ": 0.05, "PhysicalSizeZUnit": "µm"} | {
+    f"PhysicalSize{a}{suffix}": value for a in "XY" for suffix, value in (("", 4.6), ("Unit", "nm"))
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "expected"),
+    [
+        ("vol.ome.tif", {"ome": True, "metadata": OME_METADATA}, (50.0, 4.6, 4.6)),
+        (
+            "ij.tif",
+            {
+                "imagej": True,
+                "resolution": (250, 250),
+                "metadata": {"spacing": 0.05, "unit": "micron", "axes": "ZYX"},
+            },
+            (50.0, 4.0, 4.0),
+        ),
+    ],
+)
+def test_tiff_voxel_size(tmp_path: Path, data, name: str, options: dict, expected: tuple) -> None:
+    tifffile.imwrite(tmp_path / name, data, **options)
+    vol = open_volume(tmp_path / name)
+    z, y, x = expected
+    assert vol.voxel_size.to_dict() == pytest.approx({"z": z, "y": y, "x": x, "unit": "nm"})
+    if options.get("ome"):
+        assert vol.metadata["format"] == "ome-tiff"
     np.testing.assert_array_equal(vol[3], data[3])
-
-
-def test_imagej_tiff_voxel_size(tmp_path: Path, data) -> None:
-    path = tmp_path / "ij.tif"
-    tifffile.imwrite(
-        path,
-        data,
-        imagej=True,
-        resolution=(1 / 0.004, 1 / 0.004),
-        metadata={"spacing": 0.05, "unit": "micron", "axes": "ZYX"},
-    )
-    vs = open_volume(path).voxel_size
-    assert (vs.z, vs.y, vs.x) == pytest.approx((50.0, 4.0, 4.0))
 
 
 def test_mrc_and_hdf5_voxel_size(tmp_path: Path, data) -> None:
@@ -380,3 +375,15 @@ def test_bad_inputs(tmp_path: Path, data) -> None:
     Image.fromarray(data[2]).save(odd / "2.png")
     with pytest.raises(ValueError, match="mixes TIFF and PNG"):
         open_volume(odd)
+
+
+@pytest.mark.parametrize("rule", ["last", "max"])
+def test_partial_patches_never_cover_known_labels_with_unknown(rule: str) -> None:
+    """Scribble-mode patches hold unknown pixels; they say nothing where another patch has a label."""
+    older = np.array([[1, 1, 255, 255]], np.uint8)  # painted on the left only
+    newer = np.array([[255, 2, 2, 255]], np.uint8)  # overlaps the whole row, painted in the middle
+    items = [(Patch("v", "z", 0, 0, 0, 1, 4), older, 0), (Patch("v", "z", 0, 0, 0, 1, 4), newer, 1)]
+    out = stitch_patches((1, 1, 4), "z", items, 255, rule, order_key=lambda item: item[2], partial=True)
+    assert out.labels[0, 0].tolist() == [1, 2, 2, 255] and out.coverage.all()
+    with pytest.raises(ValueError, match="contain unknown_value"):
+        stitch_patches((1, 1, 4), "z", items, 255, rule)

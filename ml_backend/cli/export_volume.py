@@ -9,7 +9,8 @@ into a label map and placed where its patch came from. Rules:
   (skipped) annotations count as not annotated.
 - Overlapping patches (--overlap newest, default): the patch whose annotation was updated last wins
   where they overlap; --overlap max: the larger class index wins.
-- Voxels no annotated patch covers get --unknown (default 255); --coverage writes 1 where a patch
+- Voxels no annotated patch covers get --unknown (default 255), and so do the pixels nobody painted
+  in scribble mode (a Background label in the config); --coverage writes 1 where a patch
   was placed, 0 elsewhere.
 - Output: DIR.zarr (chunked one slice thick across the patch axis) or FILE.tif (uncompressed).
 
@@ -33,9 +34,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ml_backend.config import Settings
 from sdk.annotations import AnnotationError, choose_annotation, label_map
 from sdk.cli import prog_name, run_main
-from sdk.label_config import LabelConfigError, parse_brush_target
+from sdk.label_config import UNLABELLED, LabelConfigError
 from sdk.labelstudio import LabelStudioAPI
 from sdk.tiling import AXES, open_volume, stitch_patches
 from sdk.tiling.grid import axis_index
@@ -179,7 +181,7 @@ def export(args: argparse.Namespace) -> str:
         raise ValueError(f"--unknown must fit uint8 (0..255), got {args.unknown}")
     api = LabelStudioAPI.from_env(args.url, args.api_key)
     project = api.client().projects.get(id=args.project)
-    target = parse_brush_target(project.label_config)
+    target = Settings.from_env().brush_target(project.label_config)
     if args.unknown < target.n_classes:
         raise ValueError(f"--unknown {args.unknown} is a class index (classes 0..{target.n_classes - 1})")
     tasks = list(api.iter_tasks(args.project))
@@ -197,6 +199,7 @@ def export(args: argparse.Namespace) -> str:
         except AnnotationError as exc:
             skipped.append(f"task {task['id']}: {exc}")
             continue
+        labels[labels == UNLABELLED] = args.unknown  # scribble mode: painted by nobody, so unknown too
         order = (_time(annotation.get("updated_at")), int(annotation.get("id") or 0))
         items.append((patch, labels, order))
     for line in skipped:
@@ -225,6 +228,7 @@ def export(args: argparse.Namespace) -> str:
         order_key=lambda item: item[2],
         out=out,
         coverage_out=coverage,
+        partial=target.scribbles,
     )
     return (
         f"project {args.project}: {len(items)} annotated patches of {len(chosen)} tasks placed into "

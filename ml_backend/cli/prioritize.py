@@ -44,7 +44,7 @@ from tqdm import tqdm
 from ml_backend.config import Settings
 from ml_backend.jobs.status import JobFailed, wait_for_job
 from sdk.cli import prog_name, run_main
-from sdk.label_config import BrushTarget, LabelConfigError, parse_brush_target
+from sdk.label_config import BrushTarget, LabelConfigError
 from sdk.labelstudio import LabelStudioAPI, LabelStudioError
 from sdk.priority import HEATMAP_FIELD
 from sdk.queue_order import TaskRef, project_pool, write_order
@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> None:
     api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
     project = api.project(args.project)
     try:
-        target = parse_brush_target(project.get("label_config"))
+        target = settings.brush_target(project.get("label_config"))
     except LabelConfigError as exc:
         raise Failure(f"project {args.project}: {exc}") from None
 

@@ -35,9 +35,10 @@ from xml.sax.saxutils import quoteattr
 
 from tqdm import tqdm
 
+from ml_backend.config import Settings
 from sdk.atomic import atomic_write_bytes
 from sdk.cli import prog_name, run_main
-from sdk.label_config import BrushTarget, LabelConfigError, parse_brush_target
+from sdk.label_config import BrushTarget, LabelConfigError
 from sdk.labelstudio import (
     LabelStudioAPI,
     LabelStudioError,
@@ -135,7 +136,9 @@ def get_project(api: LabelStudioAPI, args: argparse.Namespace) -> Any:
         if project.title == args.create:
             return project
     config = args.label_config.read_text() if args.label_config else default_label_config(args.labels)
-    parse_brush_target(config)  # refuse a config the backend could not use, before creating anything
+    Settings.from_env().brush_target(
+        config
+    )  # refuse a config the backend could not use, before creating anything
     return client.projects.create(title=args.create, label_config=config)
 
 
@@ -222,7 +225,7 @@ def push(args: argparse.Namespace) -> str:
             root, folder = local_folder(args, volume.id)
         api = LabelStudioAPI.from_env(args.url, args.api_key)
         project = get_project(api, args)
-        target: BrushTarget = parse_brush_target(project.label_config)
+        target: BrushTarget = Settings.from_env().brush_target(project.label_config)
         existing, windows = existing_patches(project_tasks(api, project.id))
         todo: list[Patch] = list(dict.fromkeys(p for p in patches if p not in existing))  # --slices 3 3
         intensity = intensity_fields(args, volume, windows.get(volume.id))

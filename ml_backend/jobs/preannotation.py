@@ -35,7 +35,7 @@ from ml_backend.jobs.status import ACTIVE, job_alive, job_pending
 from ml_backend.learner.checkpoints import CheckpointStore
 from ml_backend.learner.inference import PredictionTooLarge, check_prediction_size, predict_image
 from ml_backend.learner.network import UNet, default_device
-from sdk.label_config import BrushTarget, parse_brush_target
+from sdk.label_config import BrushTarget
 from sdk.labelstudio import LabelStudioAPI
 from sdk.predictions import build_prediction
 from sdk.queue_order import TaskRef, image_url, iter_tasks
@@ -202,7 +202,7 @@ def preannotate_chunk(project: str, version: str, tasks: list[list]) -> dict:
     fetcher = shared_fetcher(settings)
     api = fetcher.label_studio
     info = api.project(int(project))
-    target = parse_brush_target(info.get("label_config"), settings.max_labels)
+    target = settings.brush_target(info.get("label_config"))
     store = CheckpointStore.for_settings(settings, project, target)
     found = [v for v in store.versions() if v.name == version]
     if not found:

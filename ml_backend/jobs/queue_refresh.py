@@ -23,7 +23,6 @@ from ml_backend.images import shared_fetcher
 from ml_backend.jobs.ranking import ScoringOptions, rank_tasks
 from ml_backend.learner.checkpoints import CheckpointStore
 from ml_backend.learner.network import default_device
-from sdk.label_config import parse_brush_target
 from sdk.queue_order import project_pool, write_order
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def refresh_queue(
     fetcher = shared_fetcher(settings)
     api = fetcher.label_studio
     info = api.project(int(project))
-    target = parse_brush_target(info.get("label_config"))
+    target = settings.brush_target(info.get("label_config"))
     tasks = project_pool(api, int(project), target.value_key)
     if not tasks.pool:
         return {"priority_version": None, "ranked": 0, "note": "no unlabelled tasks"}

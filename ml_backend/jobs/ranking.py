@@ -22,7 +22,7 @@ from ml_backend.images import ImageError, shared_fetcher
 from ml_backend.learner.checkpoints import CheckpointStore, Version
 from ml_backend.learner.network import UNet
 from ml_backend.learner.scoring import PoolScores, Progress, score_pool
-from sdk.label_config import BrushTarget, parse_brush_target
+from sdk.label_config import BrushTarget
 from sdk.predictions import brush_results
 from sdk.priority import choose_strategy, heatmap_uri, heatmap_vmax
 from sdk.queue_order import TaskRef
@@ -246,7 +246,7 @@ def rank_tasks_job(
     from rq import get_current_job
 
     settings = Settings.from_env()
-    target = parse_brush_target(label_config)
+    target = settings.brush_target(label_config)
     store = CheckpointStore.for_settings(settings, project, target)
     version, net = store.load_newest_intact()
     job = get_current_job()

@@ -22,7 +22,7 @@ from ml_backend.learner.checkpoints import CheckpointStore
 from ml_backend.learner.network import default_device
 from ml_backend.learner.training import TrainConfig, evaluate, fine_tune
 from sdk.annotations import AnnotationError, MaskCache, choose_annotation
-from sdk.label_config import BrushTarget, parse_brush_target
+from sdk.label_config import BrushTarget
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def fetch_training_set(project: str, settings: Settings) -> TrainingSet:
     fetcher = shared_fetcher(settings)
     api = fetcher.label_studio
     config = api.client().projects.get(id=int(project)).label_config
-    data = TrainingSet(parse_brush_target(config))
+    data = TrainingSet(settings.brush_target(config))
     for task in api.iter_tasks(int(project), only_annotated=True):
         annotation = choose_annotation(task)
         if annotation is None:

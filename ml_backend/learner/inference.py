@@ -134,8 +134,10 @@ def _tiles(
     height, width = pixels.shape
     for y in tile_starts(height, th, overlap):
         for x in tile_starts(width, tw, overlap):
-            crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))
-            batch, h, w = pad_to_multiple(crop[None, None].to(device), multiple)
+            crop = torch.from_numpy(np.ascontiguousarray(pixels[y : y + th, x : x + tw]))[None, None]
+            if device.type == "cuda":  # page-locked: the copy overlaps the work already queued
+                crop = crop.pin_memory()
+            batch, h, w = pad_to_multiple(crop.to(device, non_blocking=True), multiple)
             yield y, x, batch.contiguous(memory_format=torch.channels_last), h, w
 
 
@@ -168,7 +170,7 @@ def bfloat16_supported(device: torch.device) -> bool:
     """Whether autocast to bfloat16 runs natively here (otherwise it is emulated, and slower).
 
     On CPU that takes AVX-512 BF16 or AMX instructions. oneDNN's own check accepts any AVX-512
-    CPU and then emulates bfloat16: a training step ran 1.7x slower than in float32 on an Ice Lake
+    CPU and then emulates bfloat16: a training step took 1.9x as long as in float32 on an Ice Lake
     Xeon (`benchmarks/bench_throughput.py`, README "Throughput and the GPU path").
     """
     if device.type == "cuda":

@@ -27,9 +27,10 @@ from torch.nn import functional as F
 from ml_backend.config import TILE, TILE_OVERLAP
 from ml_backend.learner.inference import bfloat16_supported, intensity_window, normalize_image, predict_image
 from ml_backend.learner.network import UNet
+from sdk.label_config import UNLABELLED
 from sdk.prefetch import prefetch
 
-IGNORE = 255
+IGNORE = UNLABELLED  # pixels that never count: unknown in a scribble label map, or padding
 Progress = Callable[[int, int, float], None]  # (step, steps, loss)
 
 
@@ -158,9 +159,12 @@ def validation_patches(
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + (1 − soft Dice over foreground classes), ignoring IGNORE pixels."""
-    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    """Cross-entropy + (1 − soft Dice over foreground classes), ignoring IGNORE pixels.
+
+    A batch with no labelled pixel at all (possible with scribbles) gives 0, not NaN.
+    """
     valid = (target != IGNORE).unsqueeze(1)
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum") / valid.sum().clamp(min=1)
     probs = torch.softmax(logits, dim=1) * valid
     onehot = F.one_hot(target.clamp(max=logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2)
     onehot = onehot * valid

@@ -10,8 +10,9 @@ records the settings the output was started with, and a run with other settings 
 resumed output never mixes two checkpoints or intensity windows.
 
 Memory per job, whatever the number of slices: one input slice, ``predict_image``'s C x H x W
-float32 probabilities of one slice, and the block's uint8 output (chunk_slices x C x H x W). Input
-and output are opened per block and closed after it, so no memory map outlives a block.
+float32 probabilities of one slice, and the block's uint8 output (chunk_slices x C x H x W; two
+blocks when `run_blocks` writes one while segmenting the next). Input and output are opened per
+block and closed after it, so no memory map outlives a block.
 
 Each slice is mapped to 8 bits with the volume's intensity window (``to_uint8``) before the
 network sees it, exactly as ``scripts/push_volume.py`` renders the patches that annotators label

@@ -24,7 +24,7 @@ from ml_backend.learner.checkpoints import CheckpointStore, trained_version_name
 from ml_backend.model import EMSegmentationModel
 from ml_backend.serving.base import MLBackendBase, project_key
 from ml_backend.serving.runtime import Runtime
-from sdk.label_config import LabelConfigError, parse_brush_target
+from sdk.label_config import LabelConfigError
 from sdk.labelstudio import LabelStudioError, ProjectNotFound
 from sdk.lru import LRU
 
@@ -36,7 +36,7 @@ def queue_project(runtime: Runtime, project: str, *, include_labeled: bool = Fal
     settings = runtime.settings
     api = runtime.images.label_studio
     info = api.project(int(project))
-    target = parse_brush_target(info.get("label_config"), settings.max_labels)
+    target = settings.brush_target(info.get("label_config"))
     store = CheckpointStore.for_settings(settings, project, target)
     version = runtime.registry.current(store).version.name
     pending = pending_tasks(api, int(project), target.value_key, version, include_labeled=include_labeled)

@@ -123,9 +123,9 @@ def _grid_params(
     shape_zyx: Any,
     axis: str,
     patch_size: int | Sequence[int],
-    stride: int | Sequence[int] | None,
-    slice_step: int,
-    slices: Sequence[int] | None,
+    stride: int | Sequence[int] | None = None,
+    slice_step: int = 1,
+    slices: Sequence[int] | None = None,
 ) -> tuple[list[int], tuple[int, int], tuple[int, int], tuple[int, int]]:
     shape_zyx = _shape_of(shape_zyx)
     rows, cols = plane_shape(shape_zyx, axis)
@@ -152,15 +152,11 @@ def _grid_params(
 
 
 def grid_count(
-    shape_zyx: Sequence[int] | Any,
-    axis: str,
-    patch_size: int | Sequence[int],
-    stride: int | Sequence[int] | None = None,
-    slice_step: int = 1,
-    slices: Sequence[int] | None = None,
+    shape_zyx: Sequence[int] | Any, axis: str, patch_size: int | Sequence[int], **options: Any
 ) -> int:
-    """Number of patches ``patch_grid`` yields, by arithmetic alone."""
-    chosen, (rows, cols), size, step = _grid_params(shape_zyx, axis, patch_size, stride, slice_step, slices)
+    """Number of patches ``patch_grid`` yields for the same arguments (`options`: stride,
+    slice_step, slices), by arithmetic alone."""
+    chosen, (rows, cols), size, step = _grid_params(shape_zyx, axis, patch_size, **options)
     return len(chosen) * _axis_count(rows, size[0], step[0]) * _axis_count(cols, size[1], step[1])
 
 

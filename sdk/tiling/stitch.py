@@ -9,7 +9,9 @@ Overlap rules (both deterministic):
 - ``"max"``: each pixel takes the largest label of the patches covering it;
   independent of order.
 
-Pixels no patch covers get ``unknown_value`` and are False in the returned coverage.
+Pixels no patch covers get ``unknown_value`` and are False in the returned coverage. With
+``partial=True`` a patch may itself hold ``unknown_value`` (pixels nobody painted, in scribble
+mode): those say nothing, so they never cover another patch's label.
 The output is assembled one slice plane at a time and written into ``out`` plane by
 plane, so ``out`` (and ``coverage_out``) may be an ``np.memmap``, Zarr or HDF5 array
 bigger than memory.
@@ -36,13 +38,13 @@ def _plane_index(axis: int, i: int) -> tuple[int | slice, ...]:
     return tuple(i if a == axis else slice(None) for a in range(3))
 
 
-def _check_values(mask: np.ndarray, dtype: np.dtype, unknown: Any, patch: Patch) -> None:
+def _check_values(mask: np.ndarray, dtype: np.dtype, unknown: Any, patch: Patch, partial: bool) -> None:
     if dtype.kind in "iu" and mask.size and mask.dtype.kind in "iuf":
         info = np.iinfo(dtype)
         lo, hi = mask.min(), mask.max()
         if lo < info.min or hi > info.max:
             raise ValueError(f"labels of {patch} span [{lo}, {hi}], which {dtype} cannot hold")
-    if np.any(mask == unknown):
+    if not partial and np.any(mask == unknown):
         raise ValueError(
             f"labels of {patch} contain unknown_value {unknown!r}; binarise the mask or "
             "choose another unknown_value"
@@ -60,6 +62,7 @@ def stitch_patches(
     dtype: np.dtype | type = np.uint8,
     out: Any = None,
     coverage_out: Any = None,
+    partial: bool = False,
 ) -> Stitched:
     """Assemble ``items`` — ``(patch, mask2d, ...)`` sequences — into a (Z, Y, X) volume.
 
@@ -100,7 +103,7 @@ def stitch_patches(
             raise ValueError(
                 f"mask of shape {mask.shape} does not match {patch} ({patch.height}x{patch.width})"
             )
-        _check_values(mask, out_dtype, unknown_value, patch)
+        _check_values(mask, out_dtype, unknown_value, patch, partial)
         volume_ids.add(patch.volume_id)
         by_plane.setdefault(patch.slice_index, []).append((patch, mask))
     if len(volume_ids) > 1:
@@ -115,13 +118,16 @@ def stitch_patches(
             continue
         labels = np.zeros((rows, cols), dtype=out_dtype)
         covered = np.zeros((rows, cols), dtype=bool)
+        known = np.zeros((rows, cols), dtype=bool)  # holds a patch's label (not unknown)
         for patch, mask in placed:
             box = (slice(patch.y, patch.y + patch.height), slice(patch.x, patch.x + patch.width))
+            says = mask != unknown_value if partial else np.ones(mask.shape, bool)
             if rule == "max":
-                mask = np.where(covered[box], np.maximum(labels[box], mask), mask)
-            labels[box] = mask
+                mask = np.where(known[box], np.maximum(labels[box], mask), mask)
+            labels[box] = np.where(says, mask, labels[box])
+            known[box] |= says
             covered[box] = True
-        labels[~covered] = unknown_value
+        labels[~known] = unknown_value
         out[where] = labels
         coverage_out[where] = covered
     return Stitched(out, coverage_out)
