@@ -31,13 +31,8 @@ import requests
 from PIL import Image
 
 from benchmarks.bench_worker_training import machine
-from devtools.local_stack import (
-    BackendServer,
-    LabelStudioServer,
-    WorkerProcess,
-    ensure_redis,
-    seed_from_template,
-)
+from devtools.label_studio import LabelStudioServer, seed_from_template
+from devtools.local_stack import BackendServer, WorkerProcess, ensure_redis
 from sdk.atomic import atomic_write_bytes
 from sdk.label_config import parse_brush_target
 from sdk.predictions import brush_results

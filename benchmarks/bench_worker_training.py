@@ -52,16 +52,9 @@ import numpy as np
 import requests
 from PIL import Image
 
-from devtools.local_stack import (
-    DEFAULT_LS_BIN,
-    BackendServer,
-    LabelStudioServer,
-    WorkerProcess,
-    ensure_redis,
-    install_sigterm_handler,
-    label_studio_version,
-    seed_from_template,
-)
+from devtools.label_studio import DEFAULT_LS_BIN, LabelStudioServer, label_studio_version, seed_from_template
+from devtools.local_stack import BackendServer, WorkerProcess, ensure_redis
+from devtools.processes import install_sigterm_handler
 from ml_backend.learner.checkpoints import CheckpointStore, Version
 from ml_backend.learner.inference import bfloat16_supported
 from ml_backend.learner.training import evaluate

@@ -24,15 +24,9 @@ import numpy as np
 import requests
 from PIL import Image
 
-from devtools.local_stack import (
-    BackendServer,
-    LabelStudioServer,
-    ManagedProcess,
-    RedisHandle,
-    WorkerProcess,
-    ensure_redis,
-    install_sigterm_handler,
-)
+from devtools.label_studio import LabelStudioServer
+from devtools.local_stack import BackendServer, RedisHandle, WorkerProcess, ensure_redis
+from devtools.processes import ManagedProcess, install_sigterm_handler
 from sdk.backend_api import BackendAPI
 from sdk.label_config import parse_brush_target
 from sdk.predictions import brush_results

@@ -16,15 +16,9 @@ import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
-from devtools.local_stack import (
-    DEFAULT_LS_BIN,
-    REPO_ROOT,
-    BackendServer,
-    LabelStudioServer,
-    WorkerProcess,
-    ensure_redis,
-    seed_from_template,
-)
+from devtools.label_studio import DEFAULT_LS_BIN, LabelStudioServer, seed_from_template
+from devtools.local_stack import BackendServer, WorkerProcess, ensure_redis
+from devtools.processes import REPO_ROOT
 
 from .helpers import STACK_REDIS_DB, UNIT_REDIS_URL, claim_database, release_database, with_database
 

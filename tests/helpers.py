@@ -14,7 +14,7 @@ from PIL import Image
 from redis import Redis
 from redis.exceptions import RedisError
 
-from devtools.local_stack import REPO_ROOT
+from devtools.processes import REPO_ROOT
 from ml_backend.learner.checkpoints import CheckpointStore, Version
 from ml_backend.learner.network import UNet, UNetConfig, build_unet
 from ml_backend.learner.training import TrainConfig, fine_tune

@@ -12,7 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from devtools.local_stack import find_free_port
+from devtools.processes import find_free_port
 from ml_backend.learner.network import build_unet
 from sdk.label_config import parse_brush_target
 

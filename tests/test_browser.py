@@ -31,7 +31,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from devtools.local_stack import REPO_ROOT
+from devtools.processes import REPO_ROOT
 from ml_backend.learner.network import UNetConfig, build_unet
 from ml_backend.learner.training import TrainConfig, fine_tune
 from sdk.brush import rle_to_mask

@@ -17,21 +17,9 @@ import pytest
 import requests
 from PIL import Image
 
-from devtools.local_stack import (
-    CREDENTIALS_FILE,
-    REPO_ROOT,
-    BackendServer,
-    LabelStudioServer,
-    ManagedProcess,
-    WorkerProcess,
-    ensure_redis,
-    find_free_port,
-    is_loopback_url,
-    port_in_use,
-    redis_ping,
-    seed_from_template,
-    wait_http,
-)
+from devtools.label_studio import CREDENTIALS_FILE, LabelStudioServer, seed_from_template
+from devtools.local_stack import BackendServer, WorkerProcess, ensure_redis, is_loopback_url, redis_ping
+from devtools.processes import REPO_ROOT, ManagedProcess, find_free_port, port_in_use, wait_http
 from sdk.synthetic import synthetic_em, write_demo_images
 
 BRUSH_CONFIG = (
