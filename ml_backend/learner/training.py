@@ -293,7 +293,9 @@ def fine_tune(
     autocast = config.mixed_precision and bfloat16_supported(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     batches = training_batches(pixels, masks, config, rng, device)
-    if device.type == "cuda" if prefetch_batches is None else prefetch_batches:
+    if prefetch_batches is None:
+        prefetch_batches = device.type == "cuda"
+    if prefetch_batches:
         batches = prefetch(batches)
     net.train()
     loss_value = math.nan

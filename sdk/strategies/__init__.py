@@ -103,11 +103,6 @@ __all__ = [
 ]
 
 
-def check_strategy(strategy: str) -> str:
-    """`strategy` itself, or a ValueError naming the valid ones."""
-    return get_strategy(strategy).name
-
-
 def _pool_size(inputs: dict[str, Any]) -> tuple[dict[str, np.ndarray], int | None]:
     """Validate the given arrays' ndim and that they agree on N."""
     spec = {"probs": (4, 0), "mc_probs": (5, 1), "embeddings": (2, 0), "scores": (1, 0)}
@@ -202,4 +197,4 @@ def score(strategy: str, **inputs: Any) -> np.ndarray:
     """Per-sample informativeness ``(N,)`` float64, higher = more informative, for the
     strategies with a per-sample score (:data:`SCORE_STRATEGIES`): :func:`uncertainty_scores`
     (``probs``/``mc_probs`` and the reduction options), after the name is checked."""
-    return uncertainty_scores(check_strategy(strategy), **inputs)
+    return uncertainty_scores(get_strategy(strategy).name, **inputs)

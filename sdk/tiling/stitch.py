@@ -121,10 +121,10 @@ def stitch_patches(
         known = np.zeros((rows, cols), dtype=bool)  # holds a patch's label (not unknown)
         for patch, mask in placed:
             box = (slice(patch.y, patch.y + patch.height), slice(patch.x, patch.x + patch.width))
-            says = mask != unknown_value if partial else np.ones(mask.shape, bool)
+            says = mask != unknown_value if partial else True  # which pixels this patch labels
             if rule == "max":
                 mask = np.where(known[box], np.maximum(labels[box], mask), mask)
-            labels[box] = np.where(says, mask, labels[box])
+            np.copyto(labels[box], mask, where=says, casting="unsafe")
             known[box] |= says
             covered[box] = True
         labels[~known] = unknown_value
