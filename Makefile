@@ -16,7 +16,7 @@ SIM_ARGS ?=
 VENV_STAMP := $(VENV)/.emloop-installed
 LS_STAMP := $(LS_VENV)/.label-studio-$(LS_VERSION)-installed
 
-.PHONY: all venv ls-venv demo test lint bench simulate clean distclean help
+.PHONY: all venv ls-venv demo test lint bench simulate click-weights clean distclean help
 
 all: venv ls-venv
 
@@ -28,6 +28,7 @@ help:
 	@echo "make lint      - ruff check"
 	@echo "make bench     - run every benchmarks/bench_*.py"
 	@echo "make simulate  - active-learning simulation on ../shared/data/vnc, then its report (SIM_ARGS='--out=DIR --seeds 5'; options: scripts/simulate.py --help)"
+	@echo "make click-weights - retrain the shipped click-to-mask weights on synthetic EM (~35 min on 2 cores)"
 	@echo "make clean     - remove caches, demo state and build outputs (keeps the venvs)"
 	@echo "make distclean - clean, and remove the venvs"
 
@@ -58,6 +59,9 @@ test: venv ls-venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+click-weights: venv
+	$(VENV)/bin/python scripts/train_clicks.py --threads 2
 
 simulate: venv
 	$(VENV)/bin/python scripts/simulate.py $(SIM_ARGS)

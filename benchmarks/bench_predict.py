@@ -36,9 +36,10 @@ CONFIG = (
 )
 
 
-def forward_total(url: str) -> float:
+def metric_total(url: str, name: str = "emloop_forward_seconds_total") -> float:
+    """A counter of the backend's /metrics (0 before it is first counted)."""
     text = requests.get(f"{url}/metrics", timeout=10).text
-    match = re.search(r"^emloop_forward_seconds_total (\S+)$", text, re.MULTILINE)
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -68,12 +69,12 @@ def main() -> None:
             requests.post(f"{backend.url}/predict", json=body, timeout=300).raise_for_status()
             latencies, forwards = [], []
             for _ in range(args.repeat):
-                before = forward_total(backend.url)
+                before = metric_total(backend.url)
                 started = time.perf_counter()
                 resp = requests.post(f"{backend.url}/predict", json=body, timeout=300)
                 latencies.append(time.perf_counter() - started)
                 resp.raise_for_status()
-                forwards.append(forward_total(backend.url) - before)
+                forwards.append(metric_total(backend.url) - before)
 
     outside = [(lat - fwd) / lat for lat, fwd in zip(latencies, forwards, strict=True)]
     result = {

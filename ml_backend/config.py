@@ -105,6 +105,7 @@ class Settings:
     train_patch_size: int = 128
     train_batch_size: int = 16
     train_holdout: float = 0.15
+    click_train_steps: int = 200  # fine-tuning of the click network per training run (0 = never)
     queue_strategy: str = "entropy"
     queue_clusters: bool = True
 
@@ -145,6 +146,7 @@ class Settings:
             train_patch_size=_int("TRAIN_PATCH_SIZE", cls.train_patch_size),
             train_batch_size=_int("TRAIN_BATCH_SIZE", cls.train_batch_size),
             train_holdout=_float("TRAIN_HOLDOUT_FRACTION", cls.train_holdout),
+            click_train_steps=max(0, _int("CLICK_TRAIN_STEPS", cls.click_train_steps)),
             queue_strategy=os.environ.get("QUEUE_STRATEGY", cls.queue_strategy).strip() or cls.queue_strategy,
             queue_clusters=_bool("QUEUE_CLUSTERS", cls.queue_clusters),
         )

@@ -1,4 +1,5 @@
-"""emloop's Label Studio ML backend model: brush-mask pre-annotations with confidence scores.
+"""emloop's Label Studio ML backend model: brush-mask pre-annotations with confidence scores,
+and click-to-mask for Label Studio's smart tools.
 
 Reads like a label-studio-ml example on purpose: `setup`, `predict`, `fit`.
 The network, checkpoints, image fetching and training jobs live in their own modules.
@@ -15,6 +16,8 @@ from ml_backend.jobs.training_queue import TRAINING_EVENTS
 from ml_backend.learner.checkpoints import CheckpointStore
 from ml_backend.learner.inference import PredictionTooLarge
 from ml_backend.serving.base import MLBackendBase
+from ml_backend.serving.interactive import click_prediction
+from sdk.prompts import PromptError
 
 
 class EMSegmentationModel(MLBackendBase):
@@ -32,6 +35,10 @@ class EMSegmentationModel(MLBackendBase):
         return self.runtime.registry.current(self.store).version.name
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
+        if context and tasks:  # a smart tool's clicks or box: the one object they point at
+            clicked = self._predict_clicks(tasks[0], context)
+            if clicked is not None:
+                return [clicked]
         model = self.runtime.registry.current(self.store)  # every task of this request uses it
         settings = self.runtime.settings
         deadline = time.monotonic() + settings.predict_budget
@@ -54,6 +61,14 @@ class EMSegmentationModel(MLBackendBase):
             )
             predictions.append(prediction)
         return predictions
+
+    def _predict_clicks(self, task: dict, context: dict) -> dict | None:
+        try:
+            return click_prediction(
+                self.runtime, self.project_id, self.target, self._image_url(task), context
+            )
+        except (ImageError, PromptError) as exc:
+            return {"task": task.get("id"), "error": str(exc)}
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
         """Never trains here (Label Studio waits 1 s): records the event for the RQ worker."""

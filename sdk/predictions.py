@@ -44,31 +44,30 @@ def label_map(probs: np.ndarray) -> np.ndarray:
     return labels
 
 
+def brush_region(mask: np.ndarray, target: BrushTarget, label: str) -> dict:
+    """One `brushlabels` region: the pixels of bool `mask`, painted with `label`."""
+    height, width = mask.shape
+    return {
+        "id": secrets.token_hex(5),
+        "from_name": target.from_name,
+        "to_name": target.to_name,
+        "type": "brushlabels",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+    }
+
+
 def brush_results(labels: np.ndarray, target: BrushTarget) -> list[dict]:
     """One `brushlabels` region per class present in the label map; in scribble mode background
     too, so an annotator who accepts a pre-annotation leaves a complete label."""
-    height, width = labels.shape
-    results = []
     present = np.flatnonzero(np.bincount(labels.ravel(), minlength=target.n_classes))
     names = [target.background, *target.labels]
-    for class_index in present if target.scribbles else present[present > 0]:
-        results.append(
-            {
-                "id": secrets.token_hex(5),
-                "from_name": target.from_name,
-                "to_name": target.to_name,
-                "type": "brushlabels",
-                "original_width": int(width),
-                "original_height": int(height),
-                "image_rotation": 0,
-                "value": {
-                    "format": "rle",
-                    "rle": mask_to_rle(labels == class_index),
-                    "brushlabels": [names[int(class_index)]],
-                },
-            }
-        )
-    return results
+    return [
+        brush_region(labels == class_index, target, str(names[int(class_index)]))
+        for class_index in (present if target.scribbles else present[present > 0])
+    ]
 
 
 def build_prediction(probs: np.ndarray, target: BrushTarget, model_version: str) -> dict:

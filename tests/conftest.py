@@ -119,7 +119,7 @@ WorkerFactory = Callable[..., WorkerProcess]
 SESSION_QUEUE = f"emloop-test-{uuid.uuid4().hex[:8]}"
 
 
-def _stack_env(
+def stack_env(
     model_dir: Path, redis_url: str, label_studio: LabelStudioServer | None, files: Path
 ) -> dict[str, str]:
     """``files``: the session's temp dir, where tests write the images they pass as local paths."""
@@ -128,6 +128,7 @@ def _stack_env(
         "REDIS_URL": redis_url,
         "RQ_QUEUE": SESSION_QUEUE,
         "LOCAL_FILES_ROOTS": str(files),
+        "CLICK_TRAIN_STEPS": "2",  # the click network's fine-tuning, kept short as TRAIN_STEPS is
     }
     if label_studio is not None:
         env |= {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token}
@@ -157,7 +158,7 @@ def backend_factory(
     ) -> BackendServer:
         n = len(started)
         model_dir = model_dir or tmp_path / f"models-{n}"
-        base = _stack_env(model_dir, redis_url, label_studio, tmp_path_factory.getbasetemp())
+        base = stack_env(model_dir, redis_url, label_studio, tmp_path_factory.getbasetemp())
         server = BackendServer(
             {**base, **(env or {})}, port=port, log_path=tmp_path / f"backend-{n}.log", **kwargs
         )
@@ -189,7 +190,7 @@ def worker_factory(
         **kwargs: Any,
     ) -> WorkerProcess:
         n = len(started)
-        base = _stack_env(
+        base = stack_env(
             model_dir or tmp_path / "models-0", redis_url, label_studio, tmp_path_factory.getbasetemp()
         )
         merged = {**base, **(env or {})}

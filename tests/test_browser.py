@@ -255,6 +255,18 @@ def compact_png(png: bytes) -> bytes:
     return out.getvalue()
 
 
+def wait_for_red_brush(page) -> None:
+    """Until a canvas of the labeling view holds red brush pixels."""
+    page.wait_for_function(
+        """() => Array.from(document.querySelectorAll('.lsf-main-view__annotation .konvajs-content canvas'))
+            .some(c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                         for (let i = 0; i < d.length; i += 4)
+                             if (d[i + 3] > 0 && d[i] > 150 && d[i + 1] < 100) return true;
+                         return false; })""",
+        polling=250,
+    )
+
+
 def assert_pre_annotation(
     page, label_studio, task_id: int, model_version: str
 ) -> tuple[ImageView, np.ndarray]:
@@ -283,14 +295,7 @@ def assert_pre_annotation(
     assert items.first.is_visible()
 
     # The brush layer holds the mask, at the mask's place (sampled at each image pixel's centre).
-    page.wait_for_function(
-        """() => Array.from(document.querySelectorAll('.lsf-main-view__annotation .konvajs-content canvas'))
-            .some(c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                         for (let i = 0; i < d.length; i += 4)
-                             if (d[i + 3] > 0 && d[i] > 150 && d[i + 1] < 100) return true;
-                         return false; })""",
-        polling=250,
-    )  # drawn a frame or two after the region is listed
+    wait_for_red_brush(page)  # drawn a frame or two after the region is listed
     view = ImageView(page, 0)
     assert view.shape == shape
     # Label Studio 1.23 sizes an image to its column but frames it 42 px narrower (the tool

@@ -26,6 +26,7 @@ from ml_backend.learner.training import (
 from sdk.annotations import AnnotationError, MaskCache, choose_annotation, label_map
 from sdk.brush import mask_to_rle
 from sdk.label_config import parse_brush_target
+from sdk.synthetic import synthetic_em
 
 TARGET = parse_brush_target(
     '<View><Image name="em" value="$image"/><BrushLabels name="brush" toName="em">'
@@ -467,7 +468,45 @@ def test_the_workers_held_out_evaluation_tiles_like_the_backend(tmp_path, monkey
         train_steps=2,
         train_patch_size=32,
         train_batch_size=2,
+        click_train_steps=0,
     )
     record = train_job.train_project("3", settings)
     assert record["metrics"]["n_holdout"] >= 1
     assert seen == [{"tile": 32, "overlap": 8}] * 2
+    assert record["clicks"] == {"skipped": "CLICK_TRAIN_STEPS=0"}
+
+
+def test_a_training_run_fine_tunes_the_click_network_and_keeps_the_better_one(tmp_path, monkeypatch) -> None:
+    """The worker's click fine-tuning publishes a version only when held-out objects are found at
+    least as well as before; a run that ruins the network leaves the parent served."""
+    import ml_backend.jobs.train_job as train_job
+    from ml_backend.config import Settings
+    from ml_backend.learner.clicks import ClickCheckpointStore
+
+    images, masks = zip(*(synthetic_em(160, 160, seed=seed) for seed in range(3)), strict=True)
+    settings = Settings(model_dir=tmp_path, click_train_steps=2)
+    device = torch.device("cpu")
+    first = train_job.train_click_network("3", settings, list(images), list(masks), [], [], device)
+    assert first["published"] is True and first["version"] == "emloop-clicks-v1"
+    assert first["heldout_clicked_iou_before"] is None and first["steps"] == 2
+    store = ClickCheckpointStore.for_settings(settings, "3")
+    assert store.latest().name == "emloop-clicks-v1"
+
+    hold = [[im] for im in synthetic_em(256, 256, seed=60)]  # mitochondria of 300-2000 pixels
+    ruined = train_job.ClickTrainConfig(steps=3, learning_rate=1e3)
+    monkeypatch.setattr(train_job, "ClickTrainConfig", lambda steps: ruined)  # wrecks the weights
+    second = train_job.train_click_network("3", settings, list(images), list(masks), *hold, device)
+    assert second["published"] is False and second["version"] == "emloop-clicks-v1"
+    assert second["heldout_clicked_iou_after"] < second["heldout_clicked_iou_before"]
+    assert store.latest().name == "emloop-clicks-v1"
+
+
+def test_a_project_without_objects_to_click_skips_click_training(tmp_path) -> None:
+    import ml_backend.jobs.train_job as train_job
+    from ml_backend.config import Settings
+
+    image, _ = discs(1, 64)
+    empty = np.zeros((64, 64), np.uint8)
+    settings = Settings(model_dir=tmp_path, click_train_steps=2)
+    record = train_job.train_click_network("4", settings, [image], [empty], [], [], torch.device("cpu"))
+    assert "no labelled object" in record["skipped"]

@@ -59,6 +59,7 @@ class Loop:
             "TRAIN_STEPS": "12",
             "TRAIN_PATCH_SIZE": "128",
             "TRAIN_BATCH_SIZE": "2",
+            "CLICK_TRAIN_STEPS": "2",
             **env,
         }
         self.worker_factory = worker_factory
@@ -137,6 +138,9 @@ def test_burst_trains_once_and_predictions_follow(
     assert 0.0 <= metrics["holdout_after"]["iou"] <= 1.0 and 0.0 <= metrics["holdout_before"]["iou"] <= 1.0
     reported = status["last_result"]["metrics"]
     assert reported["holdout_after"] == loop.versions()[-1]["metrics"]["holdout_after"]
+    clicks = status["last_result"]["clicks"]  # the click network fine-tuned in the same job
+    assert clicks["version"].startswith("emloop-clicks-v") and clicks["steps"] == 2, clicks
+    assert clicks["published"] == (clicks["version"] != "emloop-clicks-v0")
 
     # Label Studio asks again; predictions carry the new version.
     label_studio.retrieve_predictions(loop.project.id)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from rq import get_current_job
 
 from ml_backend.config import Settings
@@ -19,6 +20,8 @@ from ml_backend.images import ImageError, shared_fetcher
 from ml_backend.jobs.queue_refresh import refresh_queue
 from ml_backend.jobs.training_queue import ProjectTraining
 from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.click_training import ClickTrainConfig, clicked_object_iou, train_clicks
+from ml_backend.learner.clicks import ClickCheckpointStore
 from ml_backend.learner.network import default_device
 from ml_backend.learner.training import TrainConfig, evaluate, fine_tune
 from sdk.annotations import AnnotationError, MaskCache, choose_annotation
@@ -130,7 +133,66 @@ def train_project(project: str, settings: Settings, state: ProjectTraining | Non
     }
     version = store.save(net.cpu(), parent=parent, metrics=metrics)
     log.info("project %s: published %s (held-out IoU %s → %s)", project, version.name, before, after)
-    return {"version": version.name, "parent": parent.name, "metrics": metrics}
+    clicks = train_click_network(
+        project,
+        settings,
+        pick(train_idx, data.images),
+        pick(train_idx, data.masks),
+        hold_images,
+        hold_masks,
+        device,
+    )
+    return {"version": version.name, "parent": parent.name, "metrics": metrics, "clicks": clicks}
+
+
+def train_click_network(
+    project: str,
+    settings: Settings,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    hold_images: list[np.ndarray],
+    hold_masks: list[np.ndarray],
+    device: torch.device,
+) -> dict:
+    """Fine-tune the project's click network on the same annotations (CLICK_TRAIN_STEPS).
+
+    A new version is published only when it finds the held-out objects at least as well as
+    its parent (or nothing is held out). Never fails the run: the segmentation version stands.
+    """
+    if settings.click_train_steps <= 0:
+        return {"skipped": "CLICK_TRAIN_STEPS=0"}
+    store = ClickCheckpointStore.for_settings(settings, project)
+    try:
+        parent, net = store.load_newest_intact()
+
+        def score() -> float | None:
+            found = clicked_object_iou(net, hold_images, hold_masks)
+            return float(np.mean(found)) if found else None
+
+        before = score()
+        config = ClickTrainConfig(steps=settings.click_train_steps)
+        summary = train_clicks(net.to(device), images, masks, config, device=device)
+        net.cpu()
+        after = score()
+        metrics = {"heldout_clicked_iou_before": before, "heldout_clicked_iou_after": after, **summary}
+        if before is not None and after is not None and after < before:
+            log.info("project %s: click network not published (held-out IoU %s < %s)", project, after, before)
+            return {"version": parent.name, "published": False, **metrics}
+        version = store.save(net, parent=parent, metrics=metrics)
+    except ValueError as exc:  # e.g. no labelled object large enough to click on
+        log.info("project %s: click network not trained: %s", project, exc)
+        return {"skipped": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - reported in /status, the segmentation version stands
+        log.exception("project %s: the click network was not fine-tuned", project)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    log.info(
+        "project %s: published %s (held-out clicked-object IoU %s → %s)",
+        project,
+        version.name,
+        before,
+        after,
+    )
+    return {"version": version.name, "published": True, **metrics}
 
 
 def reorder_queue(project: str, settings: Settings, state: ProjectTraining) -> dict | None:
@@ -202,6 +264,7 @@ def run_training(project: str, queue: str) -> dict:
             last_result={
                 "queue": order,
                 "version": result["version"],
+                "clicks": result["clicks"],
                 "metrics": {
                     k: result["metrics"][k]
                     for k in (

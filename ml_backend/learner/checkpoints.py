@@ -134,6 +134,9 @@ class CheckpointStore:
         mirror = mirror_for(settings.checkpoint_store, settings.redis_url, settings.queue_name)
         return cls.for_project(settings.model_dir, project, target, mirror)
 
+    def version_name(self, number: int) -> str:
+        return version_name(number, self.target)
+
     @property
     def lineage(self) -> str:
         """``project-<id>/<label signature>``: the same on every machine, whatever its MODEL_DIR."""
@@ -201,7 +204,7 @@ class CheckpointStore:
         log.info("adopted %s from Redis into %s", version.name, self.root)
 
     def _initial(self) -> Version:
-        return Version(0, version_name(0, self.target))
+        return Version(0, self.version_name(0))
 
     def _read_manifest(self) -> list[Version]:
         data = json.loads((self.root / MANIFEST).read_text())
@@ -237,7 +240,7 @@ class CheckpointStore:
             versions.append(
                 Version(
                     number=number,
-                    name=version_name(number, self.target),
+                    name=self.version_name(number),
                     file=path.name,
                     sha256=hashlib.sha256(data).hexdigest(),
                     created=record.get("created", path.stat().st_mtime),
@@ -268,10 +271,14 @@ class CheckpointStore:
     def latest(self) -> Version:
         return self.versions()[-1]
 
+    def initial_network(self) -> UNet:
+        """Version 0, served until a training run publishes version 1."""
+        return build_unet(self.network, seed=0)
+
     def load(self, version: Version) -> UNet:
         """The network of `version`; raises CheckpointError if its file is not intact."""
         if version.number == 0:
-            return build_unet(self.network, seed=0)
+            return self.initial_network()
         try:
             return load_checkpoint(self.root / str(version.file), version.sha256)[0]
         except CheckpointError as exc:
@@ -317,7 +324,7 @@ class CheckpointStore:
             data = buffer.getvalue()
             version = Version(
                 number=number,
-                name=version_name(number, self.target),
+                name=self.version_name(number),
                 file=f"v{number}.pt",
                 sha256=hashlib.sha256(data).hexdigest(),
                 **record,

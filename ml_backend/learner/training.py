@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,6 +238,33 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
 
+def train_steps(
+    net: UNet,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    autocast: bool,
+    progress: Progress | None = None,
+) -> float:
+    """AdamW over `batches` (one step each) on the recipe's schedule and loss; the last loss."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    device = next(net.parameters()).device
+    net.train()
+    loss_value = math.nan
+    for step, (x, y) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = net(x.contiguous(memory_format=torch.channels_last))
+        loss = segmentation_loss(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_value = float(loss.detach())
+        if progress:
+            progress(step + 1, config.steps, loss_value)
+    return loss_value
+
+
 def fine_tune(
     net: UNet,
     images: Sequence[np.ndarray],
@@ -291,26 +318,12 @@ def fine_tune(
     # BatchNorm statistics): re-estimating them on the new labels alone moved VNC test IoU by 0.03.
     start = (score(), copy.deepcopy(net.state_dict())) if val_batch is not None and keep_start else None
     autocast = config.mixed_precision and bfloat16_supported(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     batches = training_batches(pixels, masks, config, rng, device)
     if prefetch_batches is None:
         prefetch_batches = device.type == "cuda"
     if prefetch_batches:
         batches = prefetch(batches)
-    net.train()
-    loss_value = math.nan
-    for step, (x, y) in enumerate(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = net(x.contiguous(memory_format=torch.channels_last))
-        loss = segmentation_loss(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        if progress:
-            progress(step + 1, config.steps, loss_value)
+    loss_value = train_steps(net, batches, config, autocast, progress)
     recalibrate_batchnorm(net, bn_x, device)
     trained = score()
     kept_start = start is not None and _improves(start[0], trained)
