@@ -30,8 +30,9 @@ from tqdm import tqdm
 from benchmarks.bench_predict import metric_total
 from devtools.local_stack import BackendServer
 from ml_backend.cli.train_clicks import EVAL_SEEDS, synthetic_sections
+from ml_backend.learner.click_checkpoints import DEFAULT_CLICK_WEIGHTS, shipped_click_network
 from ml_backend.learner.click_training import object_clicks
-from ml_backend.learner.clicks import DEFAULT_CLICK_WEIGHTS, load_click_weights, segment_prompt
+from ml_backend.learner.clicks import segment_prompt
 from ml_backend.learner.network import cpu_name, fuse_for_inference
 from sdk.prompts import Click, Prompt
 
@@ -87,7 +88,7 @@ def main() -> None:
     if not raws:
         raise SystemExit(f"VNC not found under {VNC} (README, 'Data')")
 
-    net = fuse_for_inference(load_click_weights())
+    net = fuse_for_inference(shipped_click_network())
     synthetic = list(zip(*synthetic_sections(args.synthetic, 512, EVAL_SEEDS), strict=True))
     vnc = [
         (np.asarray(Image.open(raw)), np.asarray(Image.open(VNC / "mitochondria" / f"{raw.stem}.png")) > 0)

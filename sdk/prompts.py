@@ -59,21 +59,25 @@ class Prompt:
         return [c for c in self.clicks if not c.positive]
 
 
+def prompt_regions(context: object) -> list[dict]:
+    """The smart-tool regions (keypoints, rectangles) in Label Studio's `context`; cheap, so a
+    request without any is told apart before its image is fetched."""
+    results = context.get("result") if isinstance(context, dict) else None
+    if not isinstance(results, list):
+        return []
+    return [r for r in results if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
+
+
 def parse_prompt(context: object, target: BrushTarget, height: int, width: int) -> Prompt | None:
     """The prompt in Label Studio's `context`, or None when it holds no smart-tool region.
 
     The object's label is the one on the annotator's keypoint or rectangle; it must be one of
     the brush labels (same name), except when the brush has a single label, which it then is.
     """
-    results = context.get("result") if isinstance(context, dict) else None
-    if not isinstance(results, list):
-        return None
     clicks: list[Click] = []
     box = None
     names: list[str] = []
-    for region in results:
-        if not isinstance(region, dict) or region.get("type") not in PROMPT_TYPES:
-            continue
+    for region in prompt_regions(context):
         value = region.get("value")
         if not isinstance(value, dict):
             raise PromptError(f"a {region.get('type')} region has no value")

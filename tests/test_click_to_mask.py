@@ -36,7 +36,7 @@ from scipy import ndimage
 from devtools.label_studio import LabelStudioServer
 from devtools.local_stack import BackendServer
 from devtools.processes import REPO_ROOT
-from ml_backend.learner.clicks import DEFAULT_CLICK_WEIGHTS
+from ml_backend.learner.click_checkpoints import DEFAULT_CLICK_WEIGHTS
 from sdk.brush import rle_to_mask
 
 from .conftest import stack_env

@@ -16,8 +16,15 @@ from ml_backend.config import Settings
 from ml_backend.learner.checkpoints import (
     CheckpointError,
     CheckpointStore,
+    checkpoint_bytes,
+    load_checkpoint,
     newest_checkpoint,
     trained_version_names,
+)
+from ml_backend.learner.click_checkpoints import (
+    DEFAULT_CLICK_WEIGHTS,
+    ClickCheckpointStore,
+    shipped_click_network,
 )
 from ml_backend.learner.click_training import (
     ClickTrainConfig,
@@ -29,10 +36,6 @@ from ml_backend.learner.click_training import (
 )
 from ml_backend.learner.clicks import (
     CLICK_NETWORK,
-    DEFAULT_CLICK_WEIGHTS,
-    ClickCheckpointStore,
-    click_checkpoint,
-    load_click_weights,
     object_probability,
     prompt_input,
     segment_prompt,
@@ -115,6 +118,17 @@ def test_the_object_set_holds_every_piece_of_every_class_large_enough() -> None:
     with pytest.raises(ValueError, match="no labelled object"):
         ObjectSet([image], [np.where(pieces == pieces[49, 51], 1, 0).astype(np.uint8)], min_object=20)
 
+
+
+def test_objects_too_small_for_the_zoom_are_refused_not_looped_on() -> None:
+    """Objects that shrink below 4 pixels in every zoomed crop end in a clear error (the worker
+    then skips the click fine-tuning), not an endless search."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:12, 10:12] = mask[40:42, 30:32] = 1  # 4-pixel objects
+    objects = ObjectSet([np.zeros((64, 64), np.float32)], [mask], min_object=4)
+    tiny = ClickTrainConfig(crop=32, zoom=(0.1, 0.1), min_object=4)  # each object: ~0.04 px
+    with pytest.raises(ValueError, match="too small for the zoom range"):
+        objects.example(tiny, np.random.default_rng(0))
 
 # Bright discs on a dark background, kept apart; an unpainted mid-grey band between two of them.
 LAYOUT = (128, 128)
@@ -211,25 +225,39 @@ def test_prompt_input_and_object_probability() -> None:
     assert prob.shape == (48, 40) and prob.dtype == np.float32 and prob.min() > 0.99
 
 
-def test_shipping_checkpoints_round_trip_in_half_precision(trained: UNet, tmp_path: Path) -> None:
+def test_shipping_checkpoints_round_trip_in_8_bits(trained: UNet, tmp_path: Path) -> None:
     window, prompt = window_and_prompt()
-    payload = click_checkpoint(trained, {"iou": 0.5, "torch": str(torch.__version__)}, half=True)
-    assert payload["config"] == TINY.to_dict() and payload["metrics"]["iou"] == 0.5
-    state = payload["state_dict"]
-    assert state["head.weight"].dtype == torch.float16 and state["intensity"].dtype == torch.float64
-    assert all(v.dtype == torch.int64 for k, v in state.items() if k.endswith("num_batches_tracked"))
-    torch.save(payload, tmp_path / "half.pt")
-    torch.save(click_checkpoint(trained, {}), tmp_path / "full.pt")
-    assert (tmp_path / "half.pt").stat().st_size < (tmp_path / "full.pt").stat().st_size
-    assert torch.load(tmp_path / "half.pt", weights_only=True)["metrics"]["iou"] == 0.5
+    record = {"iou": 0.5, "torch": str(torch.__version__)}
+    (tmp_path / "compact.pt").write_bytes(checkpoint_bytes(trained, record, compact=True))
+    (tmp_path / "full.pt").write_bytes(checkpoint_bytes(trained, record))
+    payload = torch.load(tmp_path / "compact.pt", weights_only=True)
+    assert payload["config"] == TINY.to_dict() and json.loads(payload["version"]) == record
+    weights = [k for k, v in trained.state_dict().items() if v.dim() > 1]
+    assert payload["compact"]["keys"] == weights and not set(weights) & set(payload["state_dict"])
+    assert payload["state_dict"]["intensity"].dtype == torch.float64  # the window stays exact
+    assert (tmp_path / "compact.pt").stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size
 
     expected = object_probability(trained, window, prompt)
-    half = load_click_weights(tmp_path / "half.pt")
-    assert half.config == TINY and not half.training
-    assert all(v.dtype != torch.float16 for v in half.state_dict().values())
-    np.testing.assert_allclose(object_probability(half, window, prompt), expected, atol=0.02)
-    full = load_click_weights(str(tmp_path / "full.pt"))
-    np.testing.assert_allclose(object_probability(full, window, prompt), expected, atol=1e-5)
+    compact = load_checkpoint(tmp_path / "compact.pt")[0]
+    assert compact.config == TINY and not compact.training
+    for key, value in trained.state_dict().items():
+        got = compact.state_dict()[key]
+        assert got.dtype == value.dtype, key
+        if key in weights:  # within half a step of 8 bits per output channel
+            step = value.abs().flatten(1).amax(1) / 127
+            assert ((got - value).abs().flatten(1).amax(1) <= step / 2 + 1e-7).all(), key
+        else:
+            assert torch.equal(got, value), key
+    np.testing.assert_allclose(object_probability(compact, window, prompt), expected, atol=0.02)
+    full = load_checkpoint(str(tmp_path / "full.pt"))[0]
+    np.testing.assert_allclose(object_probability(full, window, prompt), expected, atol=1e-6)
+
+    damaged = bytearray((tmp_path / "compact.pt").read_bytes())
+    at = damaged.find(b"\x78\xda")  # the deflated weights' header: flip a byte after it
+    damaged[at + 100] ^= 0xFF
+    (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match="not a valid emloop checkpoint"):
+        load_checkpoint(tmp_path / "damaged.pt")
 
 
 # -- segment_prompt ------------------------------------------------------------------------------------
@@ -255,12 +283,15 @@ def test_the_window_grows_while_the_object_runs_out_of_it() -> None:
     assert not segment_prompt(constant_net(False), IMAGE, CLICK, window=64).any()
 
 
-def test_the_most_confident_zoom_wins() -> None:
+def test_the_most_confident_zoom_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     """A network sure of the object only at the coarsest zoom (the window shrunk 4×) gives that
     zoom's mask; one sure only at the finest gives the finest's."""
+    import ml_backend.learner.clicks as clicks
+
     zooms: list[int] = []
 
-    def fake(net, grey, prompt, size, window, frame):
+    def fake(net, grey, prompt, box, window, frame):
+        size = box[2] - box[0]
         zooms.append(size)
         out = np.zeros((frame[2] - frame[0], frame[3] - frame[1]), np.float32)
         y, x = int(prompt.clicks[0].y) - frame[0], int(prompt.clicks[0].x) - frame[1]
@@ -268,18 +299,12 @@ def test_the_most_confident_zoom_wins() -> None:
         out[max(0, y - half) : y + half, max(0, x - half) : x + half] = 0.99 if size == confident else 0.6
         return out
 
-    import ml_backend.learner.clicks as clicks
-
-    original = clicks._zoomed_probability
-    clicks._zoomed_probability = fake
-    try:
-        for confident, side in ((128, 32), (32, 8)):
-            zooms.clear()
-            got = segment_prompt(constant_net(True), IMAGE, CLICK, window=32, max_window=128)
-            assert zooms == [32, 64, 128]
-            assert got.sum() == side * side, (confident, got.sum())
-    finally:
-        clicks._zoomed_probability = original
+    monkeypatch.setattr(clicks, "_zoomed_probability", fake)
+    for confident, side in ((128, 32), (32, 8)):
+        zooms.clear()
+        got = segment_prompt(constant_net(True), IMAGE, CLICK, window=32, max_window=128)
+        assert zooms == [32, 64, 128]
+        assert got.sum() == side * side, (confident, got.sum())
 
 
 def test_a_negative_click_on_the_object_removes_the_part_nearer_to_it() -> None:
@@ -350,7 +375,7 @@ def test_version_zero_is_the_shipped_network(settings: Settings) -> None:
     assert v0.name == "emloop-clicks-v0" and v0.number == 0
     net = store.load(v0)
     assert net.config == CLICK_NETWORK and not net.training
-    shipped = load_click_weights()
+    shipped = shipped_click_network()
     for key, value in shipped.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
     version, newest = store.load_newest_intact()
@@ -358,13 +383,12 @@ def test_version_zero_is_the_shipped_network(settings: Settings) -> None:
 
 
 def test_the_shipped_weights_are_small_and_load_safely() -> None:
-    assert DEFAULT_CLICK_WEIGHTS.stat().st_size < 5_000_000
+    assert DEFAULT_CLICK_WEIGHTS.stat().st_size < 2_000_000
     payload = torch.load(DEFAULT_CLICK_WEIGHTS, map_location="cpu", weights_only=True)
     assert UNetConfig(**payload["config"]) == CLICK_NETWORK
-    assert isinstance(payload["metrics"], dict)
-    assert payload["state_dict"]["head.weight"].dtype == torch.float16  # shipped in half precision
+    assert "head.weight" in payload["compact"]["keys"]  # shipped in 8 bits
     record = json.loads(DEFAULT_CLICK_WEIGHTS.with_suffix(".json").read_text())
-    assert record == json.loads(json.dumps(payload["metrics"])) and "synthetic" in record["trained_on"]
+    assert record == json.loads(payload["version"]) and "synthetic" in record["trained_on"]
 
 
 def test_nothing_downloads_weights_or_data() -> None:

@@ -481,7 +481,7 @@ def test_a_training_run_fine_tunes_the_click_network_and_keeps_the_better_one(tm
     least as well as before; a run that ruins the network leaves the parent served."""
     import ml_backend.jobs.train_job as train_job
     from ml_backend.config import Settings
-    from ml_backend.learner.clicks import ClickCheckpointStore
+    from ml_backend.learner.click_checkpoints import ClickCheckpointStore
 
     images, masks = zip(*(synthetic_em(160, 160, seed=seed) for seed in range(3)), strict=True)
     settings = Settings(model_dir=tmp_path, click_train_steps=2)

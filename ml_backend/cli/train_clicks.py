@@ -9,7 +9,6 @@ clicked-object IoU on held-out synthetic sections) is written beside the weights
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import platform
@@ -20,8 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ml_backend.learner.checkpoints import checkpoint_bytes
+from ml_backend.learner.click_checkpoints import DEFAULT_CLICK_WEIGHTS
 from ml_backend.learner.click_training import ClickTrainConfig, clicked_object_iou, train_clicks
-from ml_backend.learner.clicks import CLICK_NETWORK, DEFAULT_CLICK_WEIGHTS, click_checkpoint
+from ml_backend.learner.clicks import CLICK_NETWORK
 from ml_backend.learner.network import build_unet, cpu_name, default_device
 from sdk.atomic import atomic_write_bytes
 from sdk.synthetic import synthetic_em
@@ -91,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": str(torch.__version__),  # a TorchVersion would not load with weights_only=True
         "python": platform.python_version(),
     }
-    buffer = io.BytesIO()
-    torch.save(click_checkpoint(net, record, half=True), buffer)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out, buffer.getvalue())
+    atomic_write_bytes(args.out, checkpoint_bytes(net, record, compact=True))
     atomic_write_bytes(args.out.with_suffix(".json"), (json.dumps(record, indent=1) + "\n").encode())
     print(
         f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); clicked-object IoU on held-out "

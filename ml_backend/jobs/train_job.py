@@ -20,8 +20,8 @@ from ml_backend.images import ImageError, shared_fetcher
 from ml_backend.jobs.queue_refresh import refresh_queue
 from ml_backend.jobs.training_queue import ProjectTraining
 from ml_backend.learner.checkpoints import CheckpointStore
+from ml_backend.learner.click_checkpoints import ClickCheckpointStore
 from ml_backend.learner.click_training import ClickTrainConfig, clicked_object_iou, train_clicks
-from ml_backend.learner.clicks import ClickCheckpointStore
 from ml_backend.learner.network import default_device
 from ml_backend.learner.training import TrainConfig, evaluate, fine_tune
 from sdk.annotations import AnnotationError, MaskCache, choose_annotation

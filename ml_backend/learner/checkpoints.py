@@ -20,14 +20,17 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ml_backend.config import Settings
@@ -100,11 +103,64 @@ def _decode(data: bytes, path: str | os.PathLike[str]) -> tuple[UNet, dict]:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         net = UNet(UNetConfig(**payload["config"]))
-        net.load_state_dict(payload["state_dict"])
+        net.load_state_dict(_unpack(payload))
     except Exception as exc:  # any decoding problem means the file is unusable
         reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CheckpointError(f"{path} is not a valid emloop checkpoint: {reason}") from None
     return net.eval(), payload
+
+
+def checkpoint_bytes(net: UNet, record: dict, *, compact: bool = False) -> bytes:
+    """A checkpoint file: ``{"config", "state_dict", "version"}``, the version record as JSON text
+    (`weights_only` loading takes any string, and a lost manifest is rebuilt from it).
+
+    `compact` (weights shipped in the package) moves the weight arrays into ``"compact"``
+    (`_pack`): a little under a quarter of the size; `_decode` unpacks them to float32.
+    """
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    payload: dict = {"config": net.config.to_dict(), "state_dict": state, "version": json.dumps(record)}
+    if compact:
+        payload["compact"] = _pack(state)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _pack(state: dict[str, torch.Tensor]) -> dict:
+    """Removes every weight array from `state` and returns them in 8 bits with one scale per
+    output channel (outputs move by ~1e-3), deflated into one byte string (one record, not a
+    file entry per tensor)."""
+    keys = [k for k, v in state.items() if v.is_floating_point() and v.dim() > 1]
+    shapes, codes, scales = [], [], []
+    for key in keys:
+        value = state.pop(key).float()
+        scale = value.abs().amax(dim=tuple(range(1, value.dim())), keepdim=True).clamp(min=1e-12) / 127
+        shapes.append(tuple(value.shape))
+        codes.append(torch.round(value / scale).to(torch.int8).numpy().tobytes())
+        scales.append(scale.flatten())
+    return {
+        "keys": keys,
+        "shapes": shapes,
+        "scales": torch.cat(scales),
+        # A tensor, not bytes: pickle protocol 2 writes bytes as latin-1 text, a third larger.
+        "codes": torch.frombuffer(bytearray(zlib.compress(b"".join(codes), 9)), dtype=torch.uint8),
+    }
+
+
+def _unpack(payload: dict) -> dict[str, torch.Tensor]:
+    """The full float32 state of a payload, compact or not."""
+    state = dict(payload["state_dict"])
+    packed = payload.get("compact")
+    if packed:
+        codes = np.frombuffer(zlib.decompress(packed["codes"].numpy().tobytes()), np.int8)
+        at = row = 0
+        for key, shape in zip(packed["keys"], packed["shapes"], strict=True):
+            size = math.prod(shape)
+            weight = torch.from_numpy(codes[at : at + size].astype(np.float32)).view(shape)
+            scale = packed["scales"][row : row + shape[0]].view(-1, *[1] * (len(shape) - 1))
+            state[key] = weight * scale
+            at, row = at + size, row + shape[0]
+    return state
 
 
 class CheckpointStore:
@@ -310,18 +366,13 @@ class CheckpointStore:
         The number is past every recorded version and every file on disk, so no save ever
         replaces an existing file (a stray one from a writer killed before its manifest update).
         """
-        state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         self._pull()
         with self._locked():
             existing = self._repair()
             published = self.mirror.highest(self.lineage) if self.mirror else 0
             number = max([existing[-1].number, *self._version_files(), published]) + 1
             record = {"created": time.time(), "parent": parent.name if parent else None, "metrics": metrics}
-            buffer = io.BytesIO()
-            # As JSON text, like the manifest: `weights_only` loading takes any string.
-            payload = {"config": net.config.to_dict(), "state_dict": state, "version": json.dumps(record)}
-            torch.save(payload, buffer)
-            data = buffer.getvalue()
+            data = checkpoint_bytes(net, record)
             version = Version(
                 number=number,
                 name=self.version_name(number),

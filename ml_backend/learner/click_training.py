@@ -25,6 +25,8 @@ from ml_backend.learner.network import UNet
 from ml_backend.learner.training import IGNORE, Progress, TrainConfig, recalibrate_batchnorm, train_steps
 from sdk.prompts import Click, Prompt, simulate_clicks
 
+MAX_DRAWS = 100  # crops tried before an object set is declared too small to click on
+
 
 @dataclass(frozen=True)
 class ClickTrainConfig:
@@ -75,12 +77,17 @@ class ObjectSet:
 
     def example(self, config: ClickTrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One (3, c, c) input and (c, c) target: a random object, zoomed, turned and clicked."""
-        while True:
+        for _ in range(MAX_DRAWS):
             k, piece, cy, cx = self.objects[int(rng.choice(len(self.objects), p=self.weights))]
             image, pieces, window = self._view(k, cy, cx, config, rng)
             target = pieces == piece
             if target.sum() >= 4:
                 break
+        else:
+            raise ValueError(
+                f"no object kept 4 pixels in {MAX_DRAWS} zoomed crops: objects are too small for "
+                f"the zoom range {config.zoom} (raise min_object, now {config.min_object})"
+            )
         others = (pieces > 0) & ~target
         clicks, wanted = simulate_clicks(target, others, rng)
         x = prompt_input(image, Prompt("", tuple(clicks)))

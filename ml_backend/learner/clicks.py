@@ -6,23 +6,18 @@ object only (DeepGrow-style, `click_training`). It looks at a window around the 
 normalised on its own (a window around an object looks alike in any volume), at the image's
 own pixel size first; when the object runs out of the window the window doubles and is
 shrunk back to the network's size, so large objects cost no more than small ones. Default
-weights, trained on the synthetic generator by `emloop-train-clicks`, ship in the package.
+weights, trained on the synthetic generator by `emloop-train-clicks`, ship in the package
+(`click_checkpoints`).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ml_backend.config import Settings
-from ml_backend.learner.checkpoint_mirror import RedisMirror, mirror_for
-from ml_backend.learner.checkpoints import CheckpointStore
 from ml_backend.learner.inference import normalize_image, pad_to_multiple, to_grey
 from ml_backend.learner.network import UNet, UNetConfig
-from sdk.label_config import BrushTarget
 from sdk.prompts import Prompt, click_maps, object_at_clicks, prompt_window, shift_prompt
 
 CLICK_NETWORK = UNetConfig(n_classes=2, in_channels=3, base_channels=8, depth=5, dropout=0.0)
@@ -31,7 +26,6 @@ MAX_WINDOW = 4096  # image pixels: the largest window a prompt grows to
 # The object's size in pixels is unknown (any microscope, any pixel size): the prompt is seen at
 # three zooms, and the most confident of their combinations wins (`segment_prompt`).
 SCALES = (1.0, 0.5, 0.25)
-DEFAULT_CLICK_WEIGHTS = Path(__file__).resolve().parent / "weights" / "clicks-synthetic.pt"
 
 
 def prompt_input(window: np.ndarray, prompt: Prompt) -> np.ndarray:
@@ -86,10 +80,9 @@ def segment_prompt(
         best, mask = -1.0, np.zeros(prob.shape, bool)
         zooms = sorted(scales, reverse=True)
         for i, zoom in enumerate(zooms):
-            size = int(base / zoom)
-            np.maximum(prob, _zoomed_probability(net, grey, prompt, size, window, frame), out=prob)
+            box = prompt_window(prompt, grey.shape, int(base / zoom))
+            np.maximum(prob, _zoomed_probability(net, grey, prompt, box, window, frame), out=prob)
             candidate = object_at_clicks(prob > 0.5, local)
-            box = prompt_window(prompt, grey.shape, size)
             if i + 1 < len(zooms) and _runs_out(_inside(candidate, box, frame), box, grey.shape):
                 continue  # cut by its own window: a coarser zoom sees more of the object
             if candidate.any() and float(prob[candidate].mean()) > best:
@@ -103,11 +96,16 @@ def segment_prompt(
 
 
 def _zoomed_probability(
-    net: UNet, grey: np.ndarray, prompt: Prompt, size: int, window: int, frame: tuple[int, int, int, int]
+    net: UNet,
+    grey: np.ndarray,
+    prompt: Prompt,
+    box: tuple[int, int, int, int],
+    window: int,
+    frame: tuple[int, int, int, int],
 ) -> np.ndarray:
-    """The object probability seen in a `size`² window around the prompt, shrunk to at most
-    `window`², returned in the coordinates of `frame` (0 outside the window)."""
-    y0, x0, y1, x1 = prompt_window(prompt, grey.shape, size)
+    """The object probability seen in `box` (image coordinates) shrunk to at most `window`²,
+    returned in the coordinates of `frame` (0 outside the box)."""
+    y0, x0, y1, x1 = box
     crop = grey[y0:y1, x0:x1].astype(np.float32)
     scale = min(1.0, window / max(crop.shape))
     small = (max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale)))
@@ -131,45 +129,3 @@ def _runs_out(mask: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int
         or (y1 < shape[0] and mask[-1].any())
         or (x1 < shape[1] and mask[:, -1].any())
     )
-
-
-def load_click_weights(path: str | Path = DEFAULT_CLICK_WEIGHTS) -> UNet:
-    """A click network from a checkpoint file (`{"config", "state_dict"}`, half precision allowed)."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    net = UNet(UNetConfig(**payload["config"]))
-    net.load_state_dict(
-        {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
-    )
-    return net.eval()
-
-
-def click_checkpoint(net: UNet, metrics: dict, half: bool = False) -> dict:
-    """The payload `load_click_weights` reads; `half` stores float weights in 16 bits (shipping)."""
-    state = {
-        k: v.half() if half and v.is_floating_point() and k != "intensity" else v
-        for k, v in net.state_dict().items()
-    }
-    return {"config": net.config.to_dict(), "state_dict": state, "metrics": metrics}
-
-
-CLICK_TARGET = BrushTarget("clicks", "image", "image", ("object",))  # one object, whatever its label
-
-
-class ClickCheckpointStore(CheckpointStore):
-    """A project's fine-tuned click networks (`MODEL_DIR/clicks/project-<id>/`), one lineage
-    whatever the label config: the network finds one object, the annotator's label names it.
-    Version 0 is the shipped default."""
-
-    def __init__(self, root: Path, mirror: RedisMirror | None = None) -> None:
-        super().__init__(root, CLICK_TARGET, CLICK_NETWORK, mirror)
-
-    @classmethod
-    def for_settings(cls, settings: Settings, project: str) -> ClickCheckpointStore:  # type: ignore[override]
-        mirror = mirror_for(settings.checkpoint_store, settings.redis_url, settings.queue_name)
-        return cls(Path(settings.model_dir) / "clicks" / f"project-{project}", mirror)
-
-    def version_name(self, number: int) -> str:
-        return f"emloop-clicks-v{number}"
-
-    def initial_network(self) -> UNet:
-        return load_click_weights()
