@@ -119,7 +119,6 @@ def test_the_object_set_holds_every_piece_of_every_class_large_enough() -> None:
         ObjectSet([image], [np.where(pieces == pieces[49, 51], 1, 0).astype(np.uint8)], min_object=20)
 
 
-
 def test_objects_too_small_for_the_zoom_are_refused_not_looped_on() -> None:
     """Objects that shrink below 4 pixels in every zoomed crop end in a clear error (the worker
     then skips the click fine-tuning), not an endless search."""
@@ -129,6 +128,7 @@ def test_objects_too_small_for_the_zoom_are_refused_not_looped_on() -> None:
     tiny = ClickTrainConfig(crop=32, zoom=(0.1, 0.1), min_object=4)  # each object: ~0.04 px
     with pytest.raises(ValueError, match="too small for the zoom range"):
         objects.example(tiny, np.random.default_rng(0))
+
 
 # Bright discs on a dark background, kept apart; an unpainted mid-grey band between two of them.
 LAYOUT = (128, 128)
