@@ -141,3 +141,32 @@ def test_default_strategies_and_keep_start_option(simulate):
     assert "margin" not in every and {"bald", "kmeans", "ceal", "hybrid"} <= set(every)
     assert simulate.make_config(simulate.parse_args([])).keep_start is False
     assert simulate.make_config(simulate.parse_args(["--keep-start"])).keep_start is True
+
+
+def test_the_reference_trains_with_its_own_batch_size(simulate, tmp_path, monkeypatch, one_torch_thread):
+    """--full-batch-size changes the full-supervision reference's batches only, and a folder of
+    results made before the option existed (no such key) still resumes."""
+    import ml_backend.experiments.simulation as simulation
+
+    seen: list[tuple[int, int]] = []  # (steps, batch size) of every training run
+
+    def recording(net, images, masks, config, **kwargs):
+        seen.append((config.steps, config.batch_size))
+        return fine_tune(net, images, masks, config, **kwargs)
+
+    fine_tune = simulation.fine_tune
+    monkeypatch.setattr(simulation, "fine_tune", recording)
+    quick = [*TINY, "--seeds", "1", "--strategies", "random", "--rounds", "1", "--batch-size", "2"]
+    out = tmp_path / "sim"
+    assert simulate.main([*quick, "--out", str(out), "--full-batch-size", "5"]) == 0
+    assert sorted(seen) == [(4, 2), (6, 2), (6, 5)]  # a round, the initial model, the reference
+    assert simulate.make_config(simulate.parse_args([])).full_batch_size is None
+
+    seen.clear()
+    older = tmp_path / "older"
+    assert simulate.main([*quick, "--out", str(older)]) == 0
+    config = json.loads((older / "config.json").read_text())
+    assert config.pop("full_batch_size") is None
+    (older / "config.json").write_text(json.dumps(config))
+    assert simulate.main([*quick, "--out", str(older)]) == 0  # resumes: nothing left to do
+    assert sorted(seen) == [(4, 2), (6, 2), (6, 2)]

@@ -98,6 +98,7 @@ OPTIONS = {  # CLI option -> SimConfig field
     "initial_steps": "initial_steps",
     "round_steps": "round_steps",
     "full_steps": "full_steps",
+    "full_batch_size": "full_batch_size",
     "val_patches": "val_patches",
     "mc_samples": "mc_samples",
     "sections": "sections",
@@ -150,11 +151,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     defaults = SimConfig()
     for option, name in OPTIONS.items():
+        default = getattr(defaults, name)
+        shown = "--batch-size's" if default is None else default  # full_batch_size
         parser.add_argument(
             "--" + option.replace("_", "-"),
             type=int,
             default=None,
-            help=f"default {getattr(defaults, name)} ({PAPER.get(name, getattr(defaults, name))} --full)",
+            help=f"default {shown} ({PAPER.get(name, shown)} --full)",
         )
     parser.add_argument(
         "--jobs",

@@ -160,12 +160,13 @@ class Simulation:
         *,
         learning_rate: float,
         keep_start: bool,
+        batch_size: int | None = None,
     ) -> dict:
         return fine_tune(
             net,
             list(images),
             list(masks),
-            self.config.train(steps, seed, learning_rate),
+            self.config.train(steps, seed, learning_rate, batch_size),
             val_images=pool.val_images,
             val_masks=pool.val_masks,
             device=self.device,
@@ -194,8 +195,8 @@ class Simulation:
 
     def full(self, seed: int) -> None:
         """The full-supervision reference: the initial model trained on the whole pool for
-        `full_steps` at the initial model's learning rate (what a fresh model gets, as the pool
-        is far from the initial patches), its final weights kept."""
+        `full_steps` of `full_batch_size` crops at the initial model's learning rate (what a fresh
+        model gets, as the pool is far from the initial patches), its final weights kept."""
         if (FULL, seed, 0) in self.done:
             return
         started = time.perf_counter()
@@ -204,7 +205,7 @@ class Simulation:
         cfg = self.config
         info = self._train(
             net, pool, pool.images, pool.masks, cfg.full_steps, seed * 1000 + 999,
-            learning_rate=cfg.learning_rate, keep_start=False,
+            learning_rate=cfg.learning_rate, keep_start=False, batch_size=cfg.full_batch_size,
         )  # fmt: skip
         self._append(self._row(FULL, seed, 0, len(pool.images), self._evaluate(net), info, started))
 

@@ -51,6 +51,7 @@ class SimConfig:
     initial_steps: int = 1500
     round_steps: int = 300
     full_steps: int = 4000
+    full_batch_size: int | None = None  # None: batch_size (the reference may afford larger batches)
     learning_rate: float = 2e-3  # peak for the initial model and full supervision (from scratch)
     round_learning_rate: float = 5e-4  # peak for a round's fine-tuning of the previous weights
     # False: every round keeps its trained weights, as in the papers. True keeps the previous ones
@@ -69,11 +70,13 @@ class SimConfig:
     def unet(self) -> UNetConfig:
         return UNetConfig(base_channels=self.base_channels, depth=self.depth, dropout=self.dropout)
 
-    def train(self, steps: int, seed: int, learning_rate: float) -> TrainConfig:
+    def train(
+        self, steps: int, seed: int, learning_rate: float, batch_size: int | None = None
+    ) -> TrainConfig:
         return TrainConfig(
             steps=steps,
             patch_size=self.patch,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             learning_rate=learning_rate,
             val_crops=self.val_patches,
             seed=seed,
