@@ -30,7 +30,8 @@ from tqdm import tqdm
 from benchmarks.bench_predict import metric_total
 from devtools.local_stack import BackendServer
 from ml_backend.cli.train_clicks import EVAL_SEEDS, synthetic_sections
-from ml_backend.learner.click_checkpoints import DEFAULT_CLICK_WEIGHTS, shipped_click_network
+from ml_backend.learner.checkpoints import load_checkpoint
+from ml_backend.learner.click_checkpoints import DEFAULT_CLICK_WEIGHTS
 from ml_backend.learner.click_training import object_clicks
 from ml_backend.learner.clicks import segment_prompt
 from ml_backend.learner.network import cpu_name, fuse_for_inference
@@ -81,14 +82,22 @@ def main() -> None:
     parser.add_argument(
         "--synthetic", type=int, default=6, help="held-out synthetic sections (objects ≥ 24 px)"
     )
-    parser.add_argument("--http-clicks", type=int, default=30, help="timed /predict requests (section 00)")
+    parser.add_argument(
+        "--http-clicks", type=int, default=30, help="timed /predict requests (section 00; 0: none)"
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=DEFAULT_CLICK_WEIGHTS,
+        help="click network for the IoU figures (default: the shipped one; /predict always serves that)",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "clicks.json")
     args = parser.parse_args()
     raws = sorted((VNC / "raw").glob("*.tif"))[: args.sections]
     if not raws:
         raise SystemExit(f"VNC not found under {VNC} (README, 'Data')")
 
-    net = fuse_for_inference(shipped_click_network())
+    net = fuse_for_inference(load_checkpoint(args.weights)[0])
     synthetic = list(zip(*synthetic_sections(args.synthetic, 512, EVAL_SEEDS), strict=True))
     vnc = [
         (np.asarray(Image.open(raw)), np.asarray(Image.open(VNC / "mitochondria" / f"{raw.stem}.png")) > 0)
@@ -114,33 +123,15 @@ def main() -> None:
 
     image, truth = vnc[0]
     clicks = [p.clicks[0] for _, p in object_clicks(truth.astype(np.uint8), args.min_object)]
-    latencies, network = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {"MODEL_DIR": str(Path(tmp) / "models"), "LOCAL_FILES_ROOTS": str(raws[0].parent)}
-        with BackendServer(env) as backend:
-            for i in range(args.http_clicks + 2):  # two warm-ups: loading the network, the image cache
-                click = clicks[i % len(clicks)]
-                body = {
-                    "project": "1.0",
-                    "label_config": CONFIG,
-                    "tasks": [{"id": 1, "data": {"image": str(raws[0])}}],
-                    "params": {"context": keypoint_context(click.y, click.x, image.shape)},
-                }
-                before = metric_total(backend.url, "emloop_click_seconds_total")
-                started = time.perf_counter()
-                resp = requests.post(f"{backend.url}/predict", json=body, timeout=60)
-                elapsed = time.perf_counter() - started
-                resp.raise_for_status()
-                assert resp.json()["results"][0]["result"], "a click returned no mask"
-                if i >= 2:
-                    latencies.append(elapsed)
-                    network.append(metric_total(backend.url, "emloop_click_seconds_total") - before)
+    latencies, network = (
+        time_clicks(raws[0], image.shape, clicks, args.http_clicks) if args.http_clicks else ([], [])
+    )
 
     result = {
         "data": f"VNC stack 1, {len(raws)} sections of {image.shape[1]}x{image.shape[0]}, mitochondria"
         f" (objects of at least {args.min_object} px); {args.synthetic} held-out synthetic sections of"
         " 512x512 (mitochondria and vesicles, objects of at least 24 px)",
-        "weights": DEFAULT_CLICK_WEIGHTS.name,
+        "weights": args.weights.name,
         "click": "one positive click at the point deepest inside each object",
         "rules": "zooms: the default (three zooms, most confident candidate); finest: scales=(1.0,) only;"
         " under_0_5: the objects under 0.5 with the default, under_0_5_second_click: the same objects after a"
@@ -150,10 +141,7 @@ def main() -> None:
             for data, scores in quality.items()
         },
         "in_process_median_s": round(statistics.median(seconds), 4),
-        "http_clicks": len(latencies),
-        "http_median_latency_s": round(statistics.median(latencies), 4),
-        "http_p90_latency_s": round(float(np.percentile(latencies, 90)), 4),
-        "http_median_network_s": round(statistics.median(network), 4),
+        **(http_figures(latencies, network) if latencies else {}),
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "python": platform.python_version(),
         "device": "cpu",
@@ -173,11 +161,50 @@ def main() -> None:
             f" {zooms['share_at_least_0_5']:.0%} | {finest['mean']:.3f} / {finest['median']:.3f} /"
             f" {finest['share_at_least_0_5']:.0%} |"
         )
-    print(
-        f"/predict with a click: median {result['http_median_latency_s'] * 1000:.0f} ms"
-        f" (p90 {result['http_p90_latency_s'] * 1000:.0f} ms),"
-        f" network {result['http_median_network_s'] * 1000:.0f} ms"
-    )
+    if latencies:
+        print(
+            f"/predict with a click: median {result['http_median_latency_s'] * 1000:.0f} ms"
+            f" (p90 {result['http_p90_latency_s'] * 1000:.0f} ms),"
+            f" network {result['http_median_network_s'] * 1000:.0f} ms"
+        )
+
+
+def time_clicks(
+    raw: Path, shape: tuple[int, ...], clicks: list[Click], count: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per `/predict` with a click through the real backend process, and of those in the
+    network (its own metric), after two warm-ups (loading the network, the image cache)."""
+    latencies, network = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"MODEL_DIR": str(Path(tmp) / "models"), "LOCAL_FILES_ROOTS": str(raw.parent)}
+        with BackendServer(env) as backend:
+            for i in range(count + 2):
+                click = clicks[i % len(clicks)]
+                body = {
+                    "project": "1.0",
+                    "label_config": CONFIG,
+                    "tasks": [{"id": 1, "data": {"image": str(raw)}}],
+                    "params": {"context": keypoint_context(click.y, click.x, shape)},
+                }
+                before = metric_total(backend.url, "emloop_click_seconds_total")
+                started = time.perf_counter()
+                resp = requests.post(f"{backend.url}/predict", json=body, timeout=60)
+                elapsed = time.perf_counter() - started
+                resp.raise_for_status()
+                assert resp.json()["results"][0]["result"], "a click returned no mask"
+                if i >= 2:
+                    latencies.append(elapsed)
+                    network.append(metric_total(backend.url, "emloop_click_seconds_total") - before)
+    return latencies, network
+
+
+def http_figures(latencies: list[float], network: list[float]) -> dict:
+    return {
+        "http_clicks": len(latencies),
+        "http_median_latency_s": round(statistics.median(latencies), 4),
+        "http_p90_latency_s": round(float(np.percentile(latencies, 90)), 4),
+        "http_median_network_s": round(statistics.median(network), 4),
+    }
 
 
 if __name__ == "__main__":
