@@ -19,6 +19,7 @@ from sdk.prompts import (
     nearer_to_positive,
     object_at_clicks,
     parse_prompt,
+    prompt_regions,
     prompt_window,
     shift_prompt,
     simulate_clicks,
@@ -179,6 +180,14 @@ def test_unusable_smart_regions_raise_a_prompt_error() -> None:
 )
 def test_a_context_without_smart_regions_is_no_prompt(ctx: object) -> None:
     assert parse_prompt(ctx, ONE, H, W) is None
+    assert prompt_regions(ctx) == []  # told before the image is fetched
+
+
+def test_prompt_regions_are_the_keypoints_and_rectangles() -> None:
+    point = {"type": "keypointlabels", "value": {"x": 1, "y": 2}}
+    box = {"type": "rectanglelabels", "value": {}}  # unusable, but a prompt: parse_prompt says why
+    context = {"result": [{"type": "brushlabels"}, point, "junk", box]}
+    assert prompt_regions(context) == [point, box]
 
 
 # -- window and coordinates --------------------------------------------------------------------------

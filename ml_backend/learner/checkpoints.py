@@ -115,7 +115,7 @@ def checkpoint_bytes(net: UNet, record: dict, *, compact: bool = False) -> bytes
     (`weights_only` loading takes any string, and a lost manifest is rebuilt from it).
 
     `compact` (weights shipped in the package) moves the weight arrays into ``"compact"``
-    (`_pack`): a little under a quarter of the size; `_decode` unpacks them to float32.
+    (`_pack`): about a quarter of the float32 file; `_decode` unpacks them to float32.
     """
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     payload: dict = {"config": net.config.to_dict(), "state_dict": state, "version": json.dumps(record)}
