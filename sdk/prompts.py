@@ -68,8 +68,9 @@ def prompt_regions(context: object) -> list[dict]:
     return [r for r in results if isinstance(r, dict) and r.get("type") in PROMPT_TYPES]
 
 
-def parse_prompt(context: object, target: BrushTarget, height: int, width: int) -> Prompt | None:
-    """The prompt in Label Studio's `context`, or None when it holds no smart-tool region.
+def parse_prompt(context: object, target: BrushTarget, height: int, width: int) -> Prompt:
+    """The prompt in Label Studio's `context` (callers tell a context without smart-tool regions
+    apart first, with `prompt_regions`: it is no prompt, not a bad one).
 
     The object's label is the one on the annotator's keypoint or rectangle; it must be one of
     the brush labels (same name), except when the brush has a single label, which it then is.
@@ -105,7 +106,7 @@ def parse_prompt(context: object, target: BrushTarget, height: int, width: int) 
         if positive:
             names += [str(n) for n in value.get(region["type"]) or []]
     if not clicks and box is None:
-        return None
+        raise PromptError("no keypoint or rectangle to segment from")
     if not any(c.positive for c in clicks) and box is None:
         raise PromptError("only negative clicks: click on the object first")
     return Prompt(_brush_label(names, target), tuple(clicks), box)

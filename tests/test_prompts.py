@@ -101,7 +101,7 @@ def test_positive_and_negative_keypoints_become_pixel_clicks() -> None:
 
 def test_a_rectangle_becomes_a_pixel_box_pointing_at_its_centre() -> None:
     found = parse_prompt(context(rectangle(10.0, 20.0, 30.0, 40.0, "Vesicle")), TWO, H, W)
-    assert found is not None and found.label == "Vesicle" and found.clicks == ()
+    assert found.label == "Vesicle" and found.clicks == ()
     assert found.box == pytest.approx((20.0, 20.0, 60.0, 80.0))
     assert found.positives == [Click(40.0, 50.0)]  # a box alone points at its centre
     both = parse_prompt(
@@ -179,8 +179,9 @@ def test_unusable_smart_regions_raise_a_prompt_error() -> None:
     ],
 )
 def test_a_context_without_smart_regions_is_no_prompt(ctx: object) -> None:
-    assert parse_prompt(ctx, ONE, H, W) is None
     assert prompt_regions(ctx) == []  # told before the image is fetched
+    with pytest.raises(PromptError, match="no keypoint or rectangle"):
+        parse_prompt(ctx, ONE, H, W)
 
 
 def test_prompt_regions_are_the_keypoints_and_rectangles() -> None:

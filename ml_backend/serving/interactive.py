@@ -26,8 +26,6 @@ def click_prediction(
         return None
     image = runtime.images.fetch(url)
     prompt = parse_prompt(context, target, *image.shape[:2])
-    if prompt is None:
-        return None
     model = runtime.registry.current(ClickCheckpointStore.for_settings(runtime.settings, project))
     with runtime.inference_slot:
         started = time.perf_counter()
