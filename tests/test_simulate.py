@@ -170,3 +170,42 @@ def test_the_reference_trains_with_its_own_batch_size(simulate, tmp_path, monkey
     (older / "config.json").write_text(json.dumps(config))
     assert simulate.main([*quick, "--out", str(older)]) == 0  # resumes: nothing left to do
     assert sorted(seen) == [(4, 2), (6, 2), (6, 2)]
+
+
+def test_gpu_protocol_script_keeps_its_rows_and_stops_at_its_deadline(tmp_path):
+    """benchmarks/gpu_protocol.sh, the one call planned for a lent GPU machine, on the CPU with
+    tiny sizes: every file the device tool brings back, and the deadline stops the run (124)."""
+    import os
+    import subprocess
+    import sys
+
+    script = REPO / "benchmarks" / "gpu_protocol.sh"
+    tiny = [t for t in TINY if t not in ("--quiet", "--jobs", "1")]
+    tiny[tiny.index("--strategies") + 1] = "random"
+    env = {**os.environ, "PYTHON": sys.executable, "ALLOW_CPU": "1", "JOBS": "2"}
+
+    def run(out: Path, deadline: int, extra: list[str]) -> subprocess.CompletedProcess:
+        cmd = ["bash", str(script), str(VNC), str(deadline), *tiny, *extra]
+        return subprocess.run(cmd, cwd=REPO, env={**env, "OUT": str(out)}, capture_output=True, text=True)
+
+    done = run(tmp_path / "done", 300, ["--seeds", "1", "--rounds", "1"])
+    assert done.returncode == 0, done.stderr
+    files = {p.name for p in (tmp_path / "done").iterdir()}
+    assert files == {
+        "results.jsonl", "config.json", "runs.jsonl", "report.md", "results.csv", "learning_curve.png",
+        "machine.json",
+    }  # fmt: skip
+    assert len(rows(tmp_path / "done")) == 3  # random rounds 0 and 1, the reference
+    assert json.loads((tmp_path / "done" / "machine.json").read_text())["device"] == "cpu"
+    assert json.loads((tmp_path / "done" / "config.json").read_text())["ceal_max_pseudo"] == 20  # --full's
+
+    cut = run(tmp_path / "cut", 0, [])
+    assert cut.returncode == 124 and "deadline of 0s reached" in cut.stderr
+    assert not (tmp_path / "cut" / "runs.jsonl").exists()  # the run did not finish
+
+    refused = subprocess.run(
+        ["bash", str(script), str(VNC)], cwd=REPO, env={**env, "OUT": str(tmp_path / "x"), "ALLOW_CPU": "0"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if not torch.cuda.is_available():
+        assert refused.returncode == 2 and "no CUDA device" in refused.stderr
