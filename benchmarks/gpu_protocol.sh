@@ -6,7 +6,7 @@
 # VNC travels with the checkout (git-ignored, named in the call's `carry`) and every file to keep
 # goes to $OUT (at most 8 files). Once, here:
 #
-#   mkdir -p .gpu-data && cp -r ../shared/data/vnc .gpu-data/
+#   mkdir -p .gpu-data/vnc && cp -r ../shared/data/vnc/stack1 .gpu-data/vnc/
 #
 # then one device `run` with carry [".gpu-data"] and timeout_s 600:
 #
