@@ -58,9 +58,11 @@ done
 stopped=0
 if kill -0 "$pid" 2>/dev/null; then
     echo "deadline of ${deadline}s reached: stopping the run, keeping its finished rows" >&2
-    kill -TERM -- "-$pid" 2>/dev/null  # background jobs of a script ignore SIGINT
+    # the group, and the process itself in case setsid has not made the group yet; background
+    # jobs of a script ignore SIGINT
+    kill -TERM -- "-$pid" "$pid" 2>/dev/null
     for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$pid" 2>/dev/null
+    kill -KILL -- "-$pid" "$pid" 2>/dev/null
     stopped=1
 fi
 wait "$pid"
