@@ -143,9 +143,12 @@ def test_default_strategies_and_keep_start_option(simulate):
     assert simulate.make_config(simulate.parse_args(["--keep-start"])).keep_start is True
 
 
-def test_the_reference_trains_with_its_own_batch_size(simulate, tmp_path, monkeypatch, one_torch_thread):
+def test_the_reference_trains_with_its_own_batch_size(
+    simulate, tmp_path, monkeypatch, capsys, one_torch_thread
+):
     """--full-batch-size changes the full-supervision reference's batches only, and a folder of
-    results made before the option existed (no such key) still resumes."""
+    results made before the reference's batches and the weight decay were recorded (they ran
+    with other values) is not resumed with the new ones."""
     import ml_backend.experiments.simulation as simulation
 
     seen: list[tuple[int, int]] = []  # (steps, batch size) of every training run
@@ -160,16 +163,15 @@ def test_the_reference_trains_with_its_own_batch_size(simulate, tmp_path, monkey
     out = tmp_path / "sim"
     assert simulate.main([*quick, "--out", str(out), "--full-batch-size", "5"]) == 0
     assert sorted(seen) == [(4, 2), (6, 2), (6, 5)]  # a round, the initial model, the reference
-    assert simulate.make_config(simulate.parse_args([])).full_batch_size is None
+    assert simulate.make_config(simulate.parse_args([])).full_batch_size == 32
 
+    config = json.loads((out / "config.json").read_text())
+    del config["full_batch_size"], config["weight_decay"]
+    (out / "config.json").write_text(json.dumps(config))
     seen.clear()
-    older = tmp_path / "older"
-    assert simulate.main([*quick, "--out", str(older)]) == 0
-    config = json.loads((older / "config.json").read_text())
-    assert config.pop("full_batch_size") is None
-    (older / "config.json").write_text(json.dumps(config))
-    assert simulate.main([*quick, "--out", str(older)]) == 0  # resumes: nothing left to do
-    assert sorted(seen) == [(4, 2), (6, 2), (6, 2)]
+    assert simulate.main([*quick, "--out", str(out), "--full-batch-size", "5"]) == 2
+    assert "differs in full_batch_size, weight_decay" in capsys.readouterr().err
+    assert seen == []
 
 
 def test_gpu_protocol_script_keeps_its_rows_and_stops_at_its_deadline(tmp_path):

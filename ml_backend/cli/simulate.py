@@ -104,9 +104,6 @@ OPTIONS = {  # CLI option -> SimConfig field
     "sections": "sections",
     "crop": "crop",
 }
-OPTION_HELP = {  # options whose default is not a number
-    "full_batch_size": "crops per step of the full-supervision reference (default: --batch-size)",
-}
 # The CPU default: random, two uncertainty rankings and one diversity selection fit < 2 h on
 # 2 cores; BALD (8 Monte-Carlo passes), k-means, CEAL and hybrid take --strategies or --full.
 CPU_STRATEGIES = ("random", "entropy", "least_confidence", "margin", "coreset")
@@ -159,7 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "--" + option.replace("_", "-"),
             type=int,
             default=None,
-            help=OPTION_HELP.get(name, f"default {default} ({PAPER.get(name, default)} --full)"),
+            help=f"default {default} ({PAPER.get(name, default)} --full)",
         )
     parser.add_argument(
         "--jobs",

@@ -137,6 +137,9 @@ class Simulation:
             f.write(json.dumps(row) + "\n")
         self.done.add(key)
 
+    def has_initial(self, seed: int) -> bool:
+        return self._state_path("initial", seed).exists()
+
     def _load(self, strategy: str, seed: int) -> dict | None:
         path = self._state_path(strategy, seed)
         return torch.load(path, weights_only=False) if path.exists() else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,8 +30,10 @@ def _run_task(task: tuple[Path, SimConfig, DataSource, int, str, str, int]) -> N
         _worker = Simulation(out, config, source.load(config), device=torch.device(device))
     if strategy == "initial":
         _worker.initial(seed)
-    else:
-        _worker.chain(strategy, seed)
+        return
+    while not _worker.has_initial(seed):  # another process is training it (queued before any chain)
+        time.sleep(1)
+    _worker.chain(strategy, seed)
 
 
 def run_parallel(
@@ -46,8 +49,9 @@ def run_parallel(
     full: bool = True,
     on_poll: Callable[[], None] | None = None,
 ) -> None:
-    """`Simulation.run` over `jobs` processes (on a GPU they share it): the seeds' initial
-    models, then every chain."""
+    """`Simulation.run` over `jobs` processes (on a GPU they share it): one queue of the seeds'
+    initial models, then every chain, so a process that finishes an initial model goes on
+    with a chain of a seed that is ready instead of idling until every seed's is."""
     import multiprocessing
 
     for strategy in strategies:
@@ -64,11 +68,15 @@ def run_parallel(
     chains.sort(key=lambda t: -COST.get(t[0], 1.0))  # longest first: the last process idles least
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     common = (Path(out), config, source, threads, device)
-    with context.Pool(jobs) as pool:
-        for tasks in (initial, chains):
-            result = pool.map_async(_run_task, [(*common, *t) for t in tasks], chunksize=1)
-            while not result.ready():
-                result.wait(5)
-                if on_poll:
-                    on_poll()
-            result.get()  # re-raises a worker's error
+    tasks = [(*common, *t) for t in (*initial, *chains)]
+    with context.Pool(jobs) as pool:  # leaving it terminates the others after an error
+        results = pool.imap_unordered(_run_task, tasks, chunksize=1)  # taken in order
+        pending = len(tasks)
+        while pending:
+            try:
+                results.next(timeout=5)  # re-raises a worker's error
+                pending -= 1
+            except multiprocessing.TimeoutError:
+                pass
+            if on_poll:
+                on_poll()

@@ -51,9 +51,10 @@ class SimConfig:
     initial_steps: int = 1500
     round_steps: int = 300
     full_steps: int = 4000
-    full_batch_size: int | None = None  # None: batch_size (the reference may afford larger batches)
+    full_batch_size: int = 32  # one model on the whole pool affords larger batches than a chain
     learning_rate: float = 2e-3  # peak for the initial model and full supervision (from scratch)
     round_learning_rate: float = 5e-4  # peak for a round's fine-tuning of the previous weights
+    weight_decay: float = TrainConfig.weight_decay
     # False: every round keeps its trained weights, as in the papers. True keeps the previous ones
     # when they score better on the validation patches (the worker's safety net); with 48 patches
     # and 2 % foreground that locked a VNC chain at its poor initial model (0.30 val, 0.15 test).
@@ -78,6 +79,7 @@ class SimConfig:
             patch_size=self.patch,
             batch_size=batch_size or self.batch_size,
             learning_rate=learning_rate,
+            weight_decay=self.weight_decay,
             val_crops=self.val_patches,
             seed=seed,
         )
