@@ -17,9 +17,10 @@
 #   SIMULATE_OPTIONS  passed on to simulate.py after --full (e.g. --seeds 3 --strategies ...)
 # Environment: OUT (required: where results go), PYTHON (default python3), JOBS (processes
 # sharing the GPU, default: the machine's cores minus one), ALLOW_CPU=1 (run without CUDA: tests).
-# Writes to $OUT: results.jsonl, config.json, runs.jsonl (when it finished), report.md,
-# results.csv, learning_curve.png, machine.json. Exit status: simulate.py's, or 124 when the
-# deadline stopped it (the rows are then partial and a later call starts over: nothing else survives).
+# Writes to $OUT: results.jsonl, config.json, runs.jsonl (its time and machine, also when the
+# deadline stopped it), report.md, results.csv, learning_curve.png. Exit status: simulate.py's,
+# or 124 when the deadline stopped it (the rows are then partial and a later call starts over:
+# nothing else survives).
 set -uo pipefail
 
 data=${1:?usage: gpu_protocol.sh VNC_DIR [DEADLINE_SECONDS [SIMULATE_OPTIONS...]]}
@@ -31,14 +32,11 @@ jobs=${JOBS:-$(($(nproc) > 1 ? $(nproc) - 1 : 1))}
 work=$(mktemp -d)
 mkdir -p "$out"
 
-"$python" - "$out/machine.json" <<'EOF' || exit 2
-import json, os, platform, sys
+"$python" - <<'EOF' || exit 2
+import os, sys
 import torch
-cuda = torch.cuda.is_available()
-if not cuda and os.environ.get("ALLOW_CPU") != "1":
+if not torch.cuda.is_available() and os.environ.get("ALLOW_CPU") != "1":
     sys.exit("no CUDA device: this script is for a GPU machine (ALLOW_CPU=1 runs it anyway)")
-json.dump({"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-           "python": platform.python_version(), "cores": os.cpu_count()}, open(sys.argv[1], "w"))
 EOF
 
 keep() {  # what exists so far goes to $OUT (the device tool brings back only that)

@@ -174,6 +174,37 @@ def test_the_reference_trains_with_its_own_batch_size(
     assert seen == []
 
 
+def test_a_stopped_run_keeps_its_rows_and_records_its_time(simulate, tmp_path, monkeypatch, one_torch_thread):
+    """SIGTERM (gpu_protocol.sh's deadline) stops a run like Ctrl-C: exit 130, the finished rows
+    kept and the run's time and machine in runs.jsonl; a re-run goes on from there."""
+    import os
+    import signal
+
+    import ml_backend.experiments.simulation as simulation
+
+    step = simulation.Simulation.step
+    calls: list[int] = []
+
+    def stopping(self, strategy, seed, round_):
+        step(self, strategy, seed, round_)
+        calls.append(round_)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(simulation.Simulation, "step", stopping)
+    quick = [*TINY, "--seeds", "1", "--strategies", "random", "--rounds", "2"]
+    out = tmp_path / "sim"
+    before = signal.getsignal(signal.SIGTERM)
+    assert simulate.main([*quick, "--out", str(out)]) == 130
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [r["round"] for r in rows(out)] == [0, 1]
+    assert [json.loads(line)["rounds"] for line in (out / "runs.jsonl").read_text().splitlines()] == [2]
+
+    monkeypatch.setattr(simulation.Simulation, "step", step)
+    assert simulate.main([*quick, "--out", str(out)]) == 0  # round 2 and the reference
+    assert [json.loads(line)["rounds"] for line in (out / "runs.jsonl").read_text().splitlines()] == [2, 2]
+
+
 def test_gpu_protocol_script_keeps_its_rows_and_stops_at_its_deadline(tmp_path):
     """benchmarks/gpu_protocol.sh, the one call planned for a lent GPU machine, on the CPU with
     tiny sizes: every file the device tool brings back, and the deadline stops the run (124)."""
@@ -182,7 +213,7 @@ def test_gpu_protocol_script_keeps_its_rows_and_stops_at_its_deadline(tmp_path):
     import sys
 
     script = REPO / "benchmarks" / "gpu_protocol.sh"
-    tiny = [t for t in TINY if t not in ("--quiet", "--jobs", "1")]
+    tiny = TINY[: TINY.index("--quiet")]  # the script sets its own --jobs and progress
     tiny[tiny.index("--strategies") + 1] = "random"
     env = {**os.environ, "PYTHON": sys.executable, "ALLOW_CPU": "1", "JOBS": "2"}
 
@@ -193,17 +224,15 @@ def test_gpu_protocol_script_keeps_its_rows_and_stops_at_its_deadline(tmp_path):
     done = run(tmp_path / "done", 300, ["--seeds", "1", "--rounds", "1"])
     assert done.returncode == 0, done.stderr
     files = {p.name for p in (tmp_path / "done").iterdir()}
-    assert files == {
-        "results.jsonl", "config.json", "runs.jsonl", "report.md", "results.csv", "learning_curve.png",
-        "machine.json",
-    }  # fmt: skip
+    kept = {"results.jsonl", "config.json", "runs.jsonl"}
+    assert files == kept | {"report.md", "results.csv", "learning_curve.png"}
     assert len(rows(tmp_path / "done")) == 3  # random rounds 0 and 1, the reference
-    assert json.loads((tmp_path / "done" / "machine.json").read_text())["device"] == "cpu"
+    assert json.loads((tmp_path / "done" / "runs.jsonl").read_text())["device"] == "cpu"
     assert json.loads((tmp_path / "done" / "config.json").read_text())["ceal_max_pseudo"] == 20  # --full's
 
     cut = run(tmp_path / "cut", 0, [])
     assert cut.returncode == 124 and "deadline of 0s reached" in cut.stderr
-    assert not (tmp_path / "cut" / "runs.jsonl").exists()  # the run did not finish
+    assert not (tmp_path / "cut" / "runs.jsonl").exists()  # stopped before any round: no run to record
 
     refused = subprocess.run(
         ["bash", str(script), str(VNC)], cwd=REPO, env={**env, "OUT": str(tmp_path / "x"), "ALLOW_CPU": "0"},

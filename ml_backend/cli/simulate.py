@@ -56,6 +56,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -221,32 +222,35 @@ def simulate(args: argparse.Namespace) -> str:
     full = not args.no_reference
     done, total = sim.work(strategies, seeds, full)
     started = time.time()
-    with tqdm(total=total, initial=done, desc="simulation", unit="round", disable=args.quiet) as bar:
+    try:
+        with tqdm(total=total, initial=done, desc="simulation", unit="round", disable=args.quiet) as bar:
 
-        def on_step(strategy: str = "", seed: int = 0, round_: int = 0) -> None:
-            if jobs > 1:  # rows come from the worker processes
-                sim.done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(sim.results)}
+            def on_step(strategy: str = "", seed: int = 0, round_: int = 0) -> None:
+                if jobs > 1:  # rows come from the worker processes
+                    sim.reload()
+                else:
+                    bar.set_postfix_str(f"{strategy} seed {seed} round {round_}")
+                bar.update(sim.work(strategies, seeds, full)[0] - bar.n)
+
+            if jobs > 1:
+                run_parallel(
+                    args.out,
+                    config,
+                    source,
+                    strategies,
+                    seeds,
+                    jobs=jobs,
+                    threads=args.threads,
+                    device=device.type,
+                    full=full,
+                    on_poll=on_step,
+                )
+                on_step()
             else:
-                bar.set_postfix_str(f"{strategy} seed {seed} round {round_}")
-            bar.update(sim.work(strategies, seeds, full)[0] - bar.n)
-
-        if jobs > 1:
-            run_parallel(
-                args.out,
-                config,
-                source,
-                strategies,
-                seeds,
-                jobs=jobs,
-                threads=args.threads,
-                device=device.type,
-                full=full,
-                on_poll=on_step,
-            )
-            on_step()
-        else:
-            sim.run(strategies, seeds, full=full, on_step=on_step)
-    record_run(args.out, started, total - done, jobs, args.threads, device)
+                sim.run(strategies, seeds, full=full, on_step=on_step)
+    finally:  # an interrupted run too: its finished rows are kept, so its time and machine are
+        sim.reload()
+        record_run(args.out, started, sim.work(strategies, seeds, full)[0] - done, jobs, args.threads, device)
     return f"{total - done} of {total} rounds run; results in {args.out / RESULTS}"
 
 
@@ -308,4 +312,12 @@ def report(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     action = report if args.report else simulate
-    return run_main(PROG, lambda: action(args), input_errors=(ValueError, FileNotFoundError))
+    previous = signal.signal(signal.SIGTERM, _stop)  # a deadline (gpu_protocol.sh) stops it like Ctrl-C
+    try:
+        return run_main(PROG, lambda: action(args), input_errors=(ValueError, FileNotFoundError))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

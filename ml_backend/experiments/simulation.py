@@ -101,6 +101,10 @@ class Simulation:
         self.results = self.out / RESULTS
         self._pools: dict[int, Pool] = {}
         self._check_config()
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read which rounds are done (other processes append rows too)."""
         self.done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(self.results)}
 
     def _check_config(self) -> None:
