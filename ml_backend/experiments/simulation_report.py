@@ -147,17 +147,18 @@ def plot(rows: list[dict], path: Path, size: tuple[int, int] = (960, 600)) -> No
         draw.text((x - 8, y + 8), str(b), fill="black")
     draw.text((left + 200, height - 25), "labelled patches", fill="black")
     draw.text((left, 8), "IoU on the test half (mean, band: min-max over seeds)", fill="black")
-    for i, s in enumerate(strategies):
-        colour = COLOURS[i % len(COLOURS)]
+    for i, s in enumerate(strategies):  # every band first, so no band tints another's mean line
         bs = sorted(table[s])
         lo = [px(b, min(table[s][b].values())) for b in bs]
         hi = [px(b, max(table[s][b].values())) for b in bs]
         band = Image.new("RGBA", size, (0, 0, 0, 0))
         if len(bs) > 1:
-            ImageDraw.Draw(band).polygon(lo + hi[::-1], fill=(*colour, 40))
+            ImageDraw.Draw(band).polygon(lo + hi[::-1], fill=(*COLOURS[i % len(COLOURS)], 40))
         image.alpha_composite(band)
-        draw = ImageDraw.Draw(image)
-        mean = [px(b, float(np.mean(list(table[s][b].values())))) for b in bs]
+    draw = ImageDraw.Draw(image)
+    for i, s in enumerate(strategies):
+        colour = COLOURS[i % len(COLOURS)]
+        mean = [px(b, float(np.mean(list(table[s][b].values())))) for b in sorted(table[s])]
         if len(mean) > 1:
             draw.line(mean, fill=colour, width=2)
         ly = top + 10 + 18 * i
