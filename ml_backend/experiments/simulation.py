@@ -84,6 +84,11 @@ def read_results(path: Path) -> list[Row]:
     return rows
 
 
+def finished_rounds(path: Path) -> set[tuple[str, int, int]]:
+    """(strategy, seed, round) of every row in a results.jsonl."""
+    return {(r["strategy"], r["seed"], r["round"]) for r in read_results(path)}
+
+
 def _atomic_save(obj: object, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
@@ -105,7 +110,7 @@ class Simulation:
 
     def reload(self) -> None:
         """Re-read which rounds are done (other processes append rows too)."""
-        self.done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(self.results)}
+        self.done = finished_rounds(self.results)
 
     def _check_config(self) -> None:
         path = self.out / "config.json"

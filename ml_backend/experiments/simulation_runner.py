@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ml_backend.experiments.simulation import Simulation, read_results
+from ml_backend.experiments.simulation import Simulation, finished_rounds
 from ml_backend.experiments.simulation_setup import FULL, RESULTS, DataSource, SimConfig, parse_strategy
 
 # Chains are independent once their seed's initial model exists, so a run spreads them over
@@ -56,7 +56,7 @@ def run_parallel(
 
     for strategy in strategies:
         parse_strategy(strategy)
-    done = {(r["strategy"], r["seed"], r["round"]) for r in read_results(Path(out) / RESULTS)}
+    done = finished_rounds(Path(out) / RESULTS)
     rounds = {FULL: [0]}
     chains = [
         (s, seed)
